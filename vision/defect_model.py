@@ -1,0 +1,104 @@
+"""The fast defect model: ViT encoder + multi-scale defect head + patch memory bank.
+
+Pure torch: no file I/O; device and dtype come from the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lineinspect.vision.encoder import EncoderConfig, VisionEncoder
+from lineinspect.vision.heads import DefectHead, HeadConfig
+from lineinspect.vision.memory_bank import PatchMemoryBank, patch_descriptors
+
+# ImageNet statistics; also what timm and CLIP-style checkpoints expect within rounding.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DefectModelConfig:
+    encoder: EncoderConfig
+    head: HeadConfig
+    memory_bank_size: int = 2048  # coreset patches kept from good images
+    map_smoothing: int = 5  # box filter (px at model resolution) before taking the map's peak
+
+
+class DefectOutput(NamedTuple):
+    anomaly_map: torch.Tensor  # (B, 1, S, S) defect probability per pixel
+    map_score: torch.Tensor  # (B,) peak of the smoothed map
+    image_prob: torch.Tensor  # (B,) image-level defect probability
+    memory_map: torch.Tensor | None  # (B, 1, S, S) nearest-neighbour distance, when the bank is fitted
+    class_logits: torch.Tensor | None  # (B, K)
+    cls: torch.Tensor  # (B, C) encoder class token (for the language path)
+    patches: torch.Tensor  # (B, N, C) encoder patch tokens (for the language path)
+
+
+class DefectModel(nn.Module):
+    def __init__(self, config: DefectModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        enc = config.encoder
+        self.encoder = VisionEncoder(enc)
+        self.head = DefectHead(config.head, enc.embed_dim, len(enc.feature_layers))
+        self.memory = PatchMemoryBank(enc.embed_dim * len(enc.feature_layers), config.memory_bank_size)
+        # Masked patch reconstruction (self-supervision on good images): a learned mask token
+        # replaces hidden patches and a linear layer predicts their pixels.
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, enc.embed_dim))
+        self.recon = nn.Linear(enc.embed_dim, enc.patch_size * enc.patch_size * 3)
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """(B,3,S,S) float in [0,1] -> normalised input."""
+        return (images - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor, use_memory: bool = True) -> DefectOutput:
+        """images: (B, 3, S, S) float in [0, 1] (normalisation happens here)."""
+        x = self.normalize(images)
+        enc = self.encoder(x)
+        cls_token = enc.cls
+        head = self.head(x, enc.features, cls_token)
+        prob = torch.sigmoid(head.mask_logits.float())
+        k = self.config.map_smoothing
+        smooth = F.avg_pool2d(prob, k, 1, k // 2, count_include_pad=False) if k > 1 else prob
+        memory_map = None
+        if use_memory and bool(self.memory.fitted):
+            dist = self.memory(patch_descriptors(enc.features), enc.grid)
+            memory_map = F.interpolate(dist, size=images.shape[-2:], mode="bilinear")
+        return DefectOutput(
+            anomaly_map=prob,
+            map_score=smooth.flatten(1).max(1).values,
+            image_prob=torch.sigmoid(head.image_logit.float()),
+            memory_map=memory_map,
+            class_logits=head.class_logits,
+            cls=cls_token,
+            patches=enc.patches,
+        )
+
+    def masked_reconstruction_loss(self, images: torch.Tensor, mask_ratio: float = 0.5) -> torch.Tensor:
+        """SimMIM-style self-supervision: hide a random subset of patches, predict their pixels.
+
+        images: (B, 3, S, S) float in [0, 1]. Loss is L1 on per-patch-normalised pixels of hidden patches.
+        """
+        vit = self.encoder.vit
+        p = self.config.encoder.patch_size
+        x = self.normalize(images)
+        tokens = vit.patch_embed(x)  # (B, h, w, C) with dynamic_img_size
+        b, h, w, c = tokens.shape
+        hidden = torch.rand(b, h, w, 1, device=x.device) < mask_ratio  # (B, h, w, 1)
+        tokens = torch.where(hidden, self.mask_token.view(1, 1, 1, c).to(tokens.dtype), tokens)
+        tokens = vit._pos_embed(tokens)
+        tokens = vit.norm_pre(tokens)
+        tokens = vit.blocks(tokens)
+        tokens = vit.norm(tokens)[:, vit.num_prefix_tokens :]  # (B, h*w, C)
+        pred = self.recon(tokens)  # (B, h*w, p*p*3)
+        target = F.unfold(x, p, stride=p).transpose(1, 2)  # (B, h*w, 3*p*p)
+        target = (target - target.mean(-1, keepdim=True)) / (target.std(-1, keepdim=True) + 1e-4)
+        sel = hidden.view(b, h * w)
+        return (pred - target).abs().mean(-1)[sel].mean()
