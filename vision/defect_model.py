@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lineinspect.vision.encoder import EncoderConfig, VisionEncoder
-from lineinspect.vision.heads import DefectHead, HeadConfig
+from lineinspect.vision.heads import DefectHead, HeadConfig, HeadOutput
 from lineinspect.vision.memory_bank import PatchMemoryBank, patch_descriptors
 
 # ImageNet statistics; also what timm and CLIP-style checkpoints expect within rounding.
@@ -57,6 +57,17 @@ class DefectModel(nn.Module):
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """(B,3,S,S) float in [0,1] -> normalised input."""
         return (images - self.mean) / self.std
+
+    def logits(self, images: torch.Tensor) -> HeadOutput:
+        """Training view: raw head logits for images (B, 3, S, S) float in [0, 1]."""
+        x = self.normalize(images)
+        enc = self.encoder(x)
+        return self.head(x, enc.features, enc.cls)
+
+    def descriptors(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Memory-bank descriptors (B, N, D) and the patch grid for images in [0, 1]."""
+        enc = self.encoder(self.normalize(images))
+        return patch_descriptors(enc.features), enc.grid
 
     def forward(self, images: torch.Tensor, use_memory: bool = True) -> DefectOutput:
         """images: (B, 3, S, S) float in [0, 1] (normalisation happens here)."""

@@ -7,10 +7,11 @@ Presets are data: a variant is a few keyword arguments. ``l14`` is the mission's
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from typing import NamedTuple
 
 import torch
-from timm.layers import get_act_layer
+from timm.layers import LayerNorm, get_act_layer
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -30,6 +31,8 @@ class EncoderConfig:
     pre_norm: bool = False  # CLIP-style `ln_pre` before the blocks
     act: str = "gelu"  # "quick_gelu" for OpenAI CLIP weights
     drop_path_rate: float = 0.0
+    norm_eps: float = 1e-6  # timm's ViT default; CLIP towers (OpenAI, OpenCLIP) were trained with 1e-5
+    init_values: float | None = None  # layer scale (`ls1`/`ls2`) on, with this initial gamma, if set
 
     def __post_init__(self) -> None:
         if self.img_size % self.patch_size:
@@ -94,6 +97,8 @@ class VisionEncoder(nn.Module):
             global_pool="token",
             pre_norm=config.pre_norm,
             act_layer=get_act_layer(config.act),
+            norm_layer=partial(LayerNorm, eps=config.norm_eps),
+            init_values=config.init_values,
             drop_path_rate=config.drop_path_rate,
             dynamic_img_size=True,
         )

@@ -24,8 +24,12 @@ def patch_descriptors(features: list[torch.Tensor]) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)
 
 
-def greedy_coreset(x: torch.Tensor, size: int, seed: int = 0, proj_dim: int = 128) -> torch.Tensor:
-    """Indices of `size` rows of x (N, D) chosen by greedy k-centre on a random projection."""
+def greedy_coreset(x: torch.Tensor, size: int, seed: int = 0, proj_dim: int = 64) -> torch.Tensor:
+    """Indices of `size` rows of x (N, D) chosen by greedy k-centre on a random projection.
+
+    Each step adds the row farthest from everything chosen so far; squared distances are
+    updated with one matrix-vector product per step (no full distance matrix).
+    """
     n = x.shape[0]
     if size >= n:
         return torch.arange(n, device=x.device)
@@ -34,11 +38,12 @@ def greedy_coreset(x: torch.Tensor, size: int, seed: int = 0, proj_dim: int = 12
     z = x @ proj  # (N, d)
     chosen = torch.empty(size, dtype=torch.long, device=x.device)
     chosen[0] = int(torch.randint(n, (1,), generator=g))
-    dist = torch.cdist(z, z[chosen[:1]]).squeeze(1)  # (N,)
+    z_sq = (z * z).sum(1)  # (N,)
+    dist = z_sq - 2 * z @ z[chosen[0]] + z_sq[chosen[0]]  # (N,) squared distance to the chosen set
     for i in range(1, size):
         idx = torch.argmax(dist)
         chosen[i] = idx
-        dist = torch.minimum(dist, torch.cdist(z, z[idx : idx + 1]).squeeze(1))
+        torch.minimum(dist, z_sq - 2 * (z @ z[idx]) + z_sq[idx], out=dist)
     return chosen
 
 

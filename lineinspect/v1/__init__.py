@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for the lineinspect.v1 API (protos/generate.py). DO NOT EDIT."""

@@ -1,0 +1,53 @@
+"""The embedded default: a synthetic line and a `tiny` model trained on it, cached on disk.
+
+The demo and `lineinspect serve` without `--model` use it, so a fresh machine with no GPU and
+no downloads has a working inspector after one short training run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lineinspect.vision.model_io import CONFIG
+
+DEFAULT_SURFACE = "metal"
+DEFAULT_TRAIN_IMAGES = 160
+DEFAULT_TIME_BUDGET_S = 150.0
+
+
+def home() -> Path:
+    """$LINEINSPECT_HOME, else ~/.cache/lineinspect."""
+    return Path(os.environ.get("LINEINSPECT_HOME", Path.home() / ".cache" / "lineinspect"))
+
+
+def default_data_dir() -> Path:
+    return home() / "data" / f"demo-{DEFAULT_SURFACE}"
+
+
+def default_model_dir() -> Path:
+    return home() / "models" / "default-tiny"
+
+
+def ensure_default_data() -> Path:
+    from lineinspect.training.synth import write_synthetic_dataset
+
+    data = default_data_dir()
+    if not (data / "train" / "good").is_dir():
+        write_synthetic_dataset(data, n=DEFAULT_TRAIN_IMAGES, seed=0, surface=DEFAULT_SURFACE, size=256)
+    return data
+
+
+def ensure_default_model(time_budget: float = DEFAULT_TIME_BUDGET_S) -> Path:
+    """Return the cached default model directory, training it first if it is missing."""
+    model = default_model_dir()
+    if (model / CONFIG).is_file():
+        return model
+    from lineinspect.training.datasets import open_dataset
+    from lineinspect.training.train_defect import TrainConfig, Trainer
+
+    data = ensure_default_data()
+    resume = (model / "checkpoint").is_dir()
+    Trainer(TrainConfig(preset="tiny", time_budget=time_budget, seed=0), open_dataset(data), model,
+            resume=resume).run()
+    return model

@@ -1,0 +1,263 @@
+"""Inference engine: one Inspector, one dynamic batcher, and the image decoding in front of it.
+
+Decoding happens in a small thread pool *before* an image is queued (the batcher's `prepare`
+step), not in the batch worker: cv2 releases the GIL, so several images decode in parallel
+while the single worker thread runs the model, a bad image is refused before it takes a batch
+slot, and the event loop never decodes. The pool is bounded by the queue capacity, because
+an item holds its queue slot while it decodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from lineinspect import __version__
+from lineinspect.errors import LineInspectError
+from lineinspect.images import check_size, decode_image, encode_png, header_size
+from lineinspect.service.batcher import Batcher, BatcherConfig, Priority
+from lineinspect.service.config import ServerConfig
+from lineinspect.service.metrics import ServiceMetrics
+from lineinspect.vision.result import Inspection
+
+log = logging.getLogger(__name__)
+
+
+class InspectorLike(Protocol):
+    """What the engine needs of `lineinspect.vision.inspector.Inspector`."""
+
+    def inspect_batch(
+        self, images: list[np.ndarray], heatmaps: list[bool] | bool = False
+    ) -> list[Inspection]: ...
+
+    def info(self) -> dict: ...
+
+
+class InvalidImage(LineInspectError):
+    """The image cannot be inspected (empty, corrupt, truncated, inconsistent raw pixels)."""
+
+
+class ImageTooLarge(InvalidImage):
+    """The image declares more pixels than the server accepts."""
+
+
+# ------------------------------------------------------------------------------ image sources
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    data: bytes  # JPEG, PNG, BMP, TIFF, WebP file bytes
+
+
+@dataclass(frozen=True)
+class RawPixels:
+    pixels: bytes  # row-major, interleaved channels, RGB order
+    height: int
+    width: int
+    channels: int  # 1, 3 or 4
+    dtype: str  # "uint8" or "uint16"; anything else is refused with its name in the message
+
+
+ImageSource = EncodedImage | RawPixels
+
+_ITEMSIZE = {"uint8": 1, "uint16": 2}
+
+
+def decode_source(source: ImageSource, max_pixels: int, name: str = "image") -> np.ndarray:
+    """Any image source -> RGB uint8 (H, W, 3); InvalidImage / ImageTooLarge say what is wrong."""
+    if isinstance(source, RawPixels):
+        return _decode_raw(source, max_pixels, name)
+    data = source.data
+    size = header_size(data) if data else None
+    if size is not None:
+        try:
+            check_size(*size, name, max_pixels)
+        except LineInspectError as exc:
+            raise (ImageTooLarge if min(size) > 0 else InvalidImage)(str(exc)) from None
+    try:
+        return decode_image(data, name, max_pixels)
+    except LineInspectError as exc:
+        raise InvalidImage(str(exc)) from None
+
+
+def _decode_raw(raw: RawPixels, max_pixels: int, name: str) -> np.ndarray:
+    if raw.dtype not in _ITEMSIZE:
+        raise InvalidImage(f"{name}: raw pixel type {raw.dtype!r} is not supported; send UINT8 or UINT16")
+    if raw.channels not in (1, 3, 4):
+        raise InvalidImage(f"{name}: raw image has {raw.channels} channels; send 1 (grey), 3 (RGB), 4 (RGBA)")
+    if raw.height <= 0 or raw.width <= 0:
+        raise InvalidImage(f"{name}: raw image declares an empty size {raw.width}x{raw.height}")
+    try:
+        check_size(raw.width, raw.height, name, max_pixels)
+    except LineInspectError as exc:
+        raise ImageTooLarge(str(exc)) from None
+    expected = raw.height * raw.width * raw.channels * _ITEMSIZE[raw.dtype]
+    if len(raw.pixels) != expected:
+        raise InvalidImage(
+            f"{name}: raw pixels are {len(raw.pixels)} bytes but {raw.width}x{raw.height}x{raw.channels} "
+            f"{raw.dtype} needs {expected}; check height, width, channels and dtype"
+        )
+    array = np.frombuffer(raw.pixels, dtype="<u2" if raw.dtype == "uint16" else np.uint8)
+    array = array.reshape(raw.height, raw.width, raw.channels)
+    if array.dtype != np.uint8:
+        array = (array >> 8).astype(np.uint8)
+    if raw.channels == 1:
+        return np.repeat(array, 3, axis=2)
+    return np.ascontiguousarray(array[:, :, :3])
+
+
+def heatmap_png(heatmap: np.ndarray) -> bytes:
+    """(H, W) float map in [0, 1] -> 8-bit grey PNG."""
+    return encode_png((np.clip(heatmap, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
+
+
+# ------------------------------------------------------------------------------ engine
+
+
+@dataclass(frozen=True)
+class _Task:
+    image: np.ndarray  # RGB uint8 (H, W, 3)
+    want_heatmap: bool
+
+
+@dataclass(frozen=True)
+class _Output:
+    inspection: Inspection
+    height: int  # of the decoded input image
+    width: int
+
+
+@dataclass
+class EngineResult:
+    inspection: Inspection
+    heatmap_png: bytes
+    width: int
+    height: int
+    timings_ms: dict[str, float] = field(default_factory=dict)  # queue, decode, model, post, total
+    batch_size: int = 0
+
+
+class InspectionEngine:
+    """Owns the inspector, the decode pool and the batcher; the servicer only calls `inspect`."""
+
+    def __init__(self, inspector: InspectorLike, config: ServerConfig, metrics: ServiceMetrics) -> None:
+        self.inspector = inspector
+        self.config = config
+        self.metrics = metrics
+        self._pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="lineinspect-decode")
+        self.batcher: Batcher[_Task, _Output] = Batcher(
+            self._process,
+            BatcherConfig(config.min_batch, config.max_batch, config.max_delay_ms, config.queue_size),
+            metrics,
+            name="inspect",
+            prepare_executor=self._pool,
+        )
+
+    async def start(self, warmup: bool = True) -> None:
+        """Start the batcher; with `warmup`, run one small batch first so the first request
+        does not pay for lazy initialisation."""
+        if warmup:
+            t0 = time.perf_counter()
+            blank = np.zeros((32, 32, 3), np.uint8)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._pool, self.inspector.inspect_batch, [blank])
+            log.info("model warm", extra={"warmup_ms": round((time.perf_counter() - t0) * 1000, 1)})
+        await self.batcher.start()
+
+    def drain(self) -> None:
+        """Refuse new work (ShuttingDown); queued work still runs."""
+        self.batcher.drain()
+
+    async def stop(self, timeout: float) -> None:
+        await self.batcher.stop(timeout)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def inspect(
+        self,
+        source: ImageSource,
+        *,
+        want_heatmap: bool = False,
+        priority: Priority = Priority.FAST,
+        timeout_s: float | None = None,
+        wait: bool = False,
+        received: float | None = None,
+        name: str = "image",
+    ) -> EngineResult:
+        """Decode, queue, run and post-process one image.
+
+        `timeout_s` is the time left to the caller's deadline; `received` the perf_counter
+        time the request arrived (the start of total_ms). Raises the batcher's errors
+        (Overloaded, ShuttingDown, DeadlineExpired), InvalidImage, or the model's error.
+        """
+        received = time.perf_counter() if received is None else received
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        max_pixels = self.config.max_image_pixels
+
+        def prepare(src: ImageSource) -> _Task:
+            return _Task(decode_source(src, max_pixels, name), want_heatmap)
+
+        done = await self.batcher.submit(
+            source, priority=priority, deadline=deadline, prepare=prepare, wait=wait
+        )
+        output: _Output = done.value
+        inspection = output.inspection
+        t0 = time.perf_counter()
+        png = b""
+        if want_heatmap and inspection.heatmap is not None:
+            png = await loop.run_in_executor(self._pool, heatmap_png, inspection.heatmap)
+        encode_ms = (time.perf_counter() - t0) * 1000
+        timings = {
+            "queue": done.queued_s * 1000,
+            "decode": done.prepare_s * 1000,
+            "model": done.run_s * 1000,
+            "post": inspection.timings_ms.get("post", 0.0) + encode_ms,
+            "total": (time.perf_counter() - received) * 1000,
+        }
+        for stage, ms in timings.items():
+            self.metrics.observe_stage(stage, ms / 1000)
+        return EngineResult(inspection, png, output.width, output.height, timings, done.batch_size)
+
+    def _process(self, tasks: list[_Task]) -> list[_Output | BaseException]:
+        """Runs in the batch worker thread: one model call for the batch. If the batch call
+        fails, each image is retried alone so one bad item cannot fail the others."""
+        images = [t.image for t in tasks]
+        flags = [t.want_heatmap for t in tasks]
+        try:
+            results: list[Inspection | BaseException] = list(self.inspector.inspect_batch(images, flags))
+        except Exception as exc:
+            if len(tasks) == 1:
+                return [exc]
+            log.warning("batch failed; retrying its images one by one", extra={"error": repr(exc)})
+            results = []
+            for image, flag in zip(images, flags, strict=True):
+                try:
+                    results.extend(self.inspector.inspect_batch([image], [flag]))
+                except Exception as item_exc:
+                    results.append(item_exc)
+        if len(results) != len(tasks):
+            raise RuntimeError(f"inspector returned {len(results)} results for {len(tasks)} images")
+        return [
+            r if isinstance(r, BaseException) else _Output(r, t.image.shape[0], t.image.shape[1])
+            for r, t in zip(results, tasks, strict=True)
+        ]
+
+    def info(self) -> dict:
+        """The inspector's info plus the server's batching settings."""
+        info = dict(self.inspector.info())
+        info["batcher"] = {
+            "min_batch": self.config.min_batch,
+            "max_batch": self.config.max_batch,
+            "max_delay_ms": self.config.max_delay_ms,
+            "queue_capacity": self.config.queue_size,
+        }
+        info["server_version"] = __version__
+        info["max_message_bytes"] = self.config.max_message_bytes
+        return info
+

@@ -1,0 +1,115 @@
+"""The defect model, the Inspector and model directories."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from lineinspect.errors import LineInspectError
+from lineinspect.vision.defect_model import DefectModel, DefectModelConfig
+from lineinspect.vision.encoder import preset
+from lineinspect.vision.heads import HeadConfig
+from lineinspect.vision.inspector import Calibration
+from lineinspect.vision.memory_bank import greedy_coreset, nearest_distance
+from lineinspect.vision.model_io import load_inspector, save_model_dir, untrained_inspector
+
+
+def small_model(num_classes: int = 3) -> DefectModel:
+    torch.manual_seed(0)
+    return DefectModel(DefectModelConfig(preset("tiny", img_size=64), HeadConfig(num_classes=num_classes),
+                                         memory_bank_size=32))
+
+
+def test_forward_shapes_and_ranges() -> None:
+    model = small_model().eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 64, 64))
+    assert out.anomaly_map.shape == (2, 1, 64, 64)
+    assert out.map_score.shape == out.image_prob.shape == (2,)
+    assert out.class_logits.shape == (2, 3)
+    assert out.memory_map is None  # not fitted yet
+    assert 0 <= float(out.anomaly_map.min()) and float(out.anomaly_map.max()) <= 1
+
+
+def test_masked_reconstruction_loss_trains() -> None:
+    model = small_model()
+    images = torch.rand(4, 3, 64, 64)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(15):
+        torch.manual_seed(1)  # same hidden patches each step: the loss must fall
+        loss = model.masked_reconstruction_loss(images)
+        first = first if first is not None else float(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) < first * 0.9
+
+
+def test_memory_bank_nearest_distance_matches_cdist() -> None:
+    g = torch.Generator().manual_seed(0)
+    bank, queries = torch.randn(50, 8, generator=g), torch.randn(30, 8, generator=g)
+    expected = torch.cdist(queries, bank).min(1).values
+    assert torch.allclose(nearest_distance(queries, bank, chunk=7), expected, atol=1e-4)
+    idx = greedy_coreset(bank, 10)
+    assert len(set(idx.tolist())) == 10
+
+
+def test_fitted_memory_bank_scores_outlier_patches_higher() -> None:
+    model = small_model().eval()
+    good = torch.full((4, 3, 64, 64), 0.5) + 0.02 * torch.rand(4, 3, 64, 64)
+    with torch.no_grad():
+        desc, _ = model.descriptors(good)
+        model.memory.fit(desc.flatten(0, 1))
+        odd = good[:1].clone()
+        odd[..., 20:40, 20:40] = torch.rand(1, 3, 20, 20)
+        out = model(torch.cat([good[:1], odd]))
+    peaks = out.memory_map.flatten(1).amax(1)
+    assert peaks[1] > peaks[0]
+
+
+def test_model_dir_round_trip(tmp_path) -> None:
+    model = small_model()
+    cal = Calibration(threshold=0.3, class_names=("a", "b", "c"))
+    save_model_dir(tmp_path / "m", model, cal, {"training": {"note": "test"}})
+    inspector = load_inspector(tmp_path / "m")
+    assert inspector.threshold == 0.3 and inspector.class_names == ["a", "b", "c"]
+    image = (np.random.default_rng(0).random((90, 120, 3)) * 255).astype(np.uint8)
+    resized = cv2.resize(image, (64, 64), interpolation=cv2.INTER_AREA)
+    with torch.no_grad():
+        expected = model.eval()(torch.from_numpy(resized).permute(2, 0, 1)[None].float() / 255)
+    result = inspector.inspect_batch([image], heatmaps=True)[0]
+    assert result.heatmap.shape == (90, 120)
+    head = 0.5 * (expected.map_score + expected.image_prob)
+    assert result.score == pytest.approx(float(head[0]), abs=1e-5)
+    assert result.is_defect == (result.score >= 0.3)
+
+
+def test_incomplete_or_foreign_model_dirs_are_refused(tmp_path) -> None:
+    with pytest.raises(LineInspectError, match="not found"):
+        load_inspector(tmp_path / "nothing")
+    save_model_dir(tmp_path / "m", small_model(), Calibration())
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(LineInspectError, match="model.safetensors"):
+        load_inspector(tmp_path / "m")
+    save_model_dir(tmp_path / "v", small_model(), Calibration())
+    cfg = json.loads((tmp_path / "v" / "config.json").read_text())
+    cfg["format_version"] = 99
+    (tmp_path / "v" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LineInspectError, match="version 99"):
+        load_inspector(tmp_path / "v")
+    (tmp_path / "v" / "config.json").unlink()
+    with pytest.raises(LineInspectError, match="config.json"):
+        load_inspector(tmp_path / "v")
+
+
+def test_untrained_inspector_any_image_size() -> None:
+    inspector = untrained_inspector("tiny")
+    images = [np.zeros((480, 640, 3), np.uint8), np.full((31, 17, 3), 200, np.uint8)]
+    results = inspector.inspect_batch(images, heatmaps=[True, False])
+    assert results[0].heatmap.shape == (480, 640) and results[1].heatmap is None
+    assert all(0 <= r.score <= 1 for r in results)

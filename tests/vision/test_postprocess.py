@@ -1,0 +1,91 @@
+"""Heatmap post-processing on small synthetic maps with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lineinspect.vision.postprocess import (
+    box_iou,
+    boxes_from_map,
+    merge_overlapping,
+    smooth_map,
+    upsample_map,
+)
+from lineinspect.vision.result import Box
+
+
+def _two_blobs() -> np.ndarray:
+    m = np.zeros((40, 50), np.float32)
+    m[5:10, 10:18] = 0.6  # blob A: rows 5..9, cols 10..17, 40 px, peak 0.7
+    m[7, 12] = 0.7
+    m[20:30, 30:40] = 0.8  # blob B: rows 20..29, cols 30..39, 100 px, peak 0.95
+    m[25, 33] = 0.95
+    m[35:37, 2:4] = 0.99  # 4 px speck: the highest value, but below min_area
+    return m
+
+
+def test_boxes_from_map_two_blobs_exact() -> None:
+    boxes = boxes_from_map(_two_blobs(), threshold=0.5, min_area=16, label="scratch")
+    assert [(b.x0, b.y0, b.x1, b.y1, b.label) for b in boxes] == [
+        (30, 20, 40, 30, "scratch"),  # higher peak first
+        (10, 5, 18, 10, "scratch"),
+    ]
+    assert boxes[0].score == pytest.approx(0.95, abs=1e-6)
+    assert boxes[1].score == pytest.approx(0.7, abs=1e-6)
+
+
+def test_boxes_from_map_min_area_max_boxes_and_threshold() -> None:
+    m = _two_blobs()
+    small = boxes_from_map(m, threshold=0.5, min_area=1)
+    assert [(b.x0, b.y0, b.x1, b.y1) for b in small][0] == (2, 35, 4, 37)  # the speck leads at 0.99
+    assert len(small) == 3
+    assert len(boxes_from_map(m, threshold=0.5, max_boxes=1)) == 1
+    assert boxes_from_map(m, threshold=1.0) == []
+    # Threshold 0.7 keeps B whole (0.8) and only A's single peak pixel, which is too small.
+    only_b = boxes_from_map(m, threshold=0.7)
+    assert [(b.x0, b.y0, b.x1, b.y1) for b in only_b] == [(30, 20, 40, 30)]
+
+
+def test_boxes_from_map_joins_diagonal_neighbours_and_scores_by_region() -> None:
+    m = np.zeros((20, 20))
+    m[2:6, 2:6] = 0.5  # 16 px
+    m[6:10, 6:10] = 0.9  # touches the first block only at a corner: 8-connected, one region
+    boxes = boxes_from_map(m, threshold=0.5)
+    assert [(b.x0, b.y0, b.x1, b.y1, b.score) for b in boxes] == [(2, 2, 10, 10, 0.9)]
+
+
+def test_upsample_map_bilinear_values() -> None:
+    # OpenCV samples at pixel centres: x_src = (x + 0.5) / 2 - 0.5 -> -0.25, 0.25, 0.75, 1.25 (edges clamp).
+    out = upsample_map(np.array([[0.0, 1.0]]), height=3, width=4)
+    assert out.shape == (3, 4) and out.dtype == np.float32
+    np.testing.assert_allclose(out, [[0, 0.25, 0.75, 1.0]] * 3)
+    with pytest.raises(ValueError, match=r"\(H, W\)"):
+        upsample_map(np.zeros((2, 2, 3)), 4, 4)
+
+
+def test_smooth_map_spreads_an_impulse_and_keeps_its_mass() -> None:
+    m = np.zeros((41, 41))
+    m[20, 20] = 1.0
+    out = smooth_map(m, sigma_px=2.0)
+    assert out.dtype == np.float32
+    assert out.sum() == pytest.approx(1.0, abs=1e-4)
+    # Peak of a sampled 2-D Gaussian with sigma 2: about 1 / (2 pi sigma^2) = 0.0398.
+    assert out[20, 20] == pytest.approx(1 / (2 * np.pi * 4), rel=0.02)
+    assert out[20, 18] == pytest.approx(out[18, 20]) and out[20, 18] == pytest.approx(out[20, 22])
+    np.testing.assert_array_equal(smooth_map(m, 0), m)
+
+
+def test_box_iou_is_shared_with_metrics() -> None:
+    assert box_iou([[0, 0, 10, 10]], [[5, 5, 15, 15]])[0, 0] == pytest.approx(25 / 175)
+
+
+def test_merge_overlapping() -> None:
+    a = Box(0, 0, 10, 10, 0.9, "scratch")
+    b = Box(0, 2, 10, 12, 0.6, "scratch")  # IoU 80 / 120 = 2/3 with a
+    c = Box(0, 0, 10, 10, 0.8, "dent")  # same place, other class: kept apart
+    d = Box(30, 30, 40, 40, 0.5, "scratch")  # no overlap
+    merged = merge_overlapping([b, d, c, a], iou=0.5)
+    assert merged == [Box(0, 0, 10, 12, 0.9, "scratch"), c, d]
+    assert merge_overlapping([a, b], iou=0.7) == [a, b]  # 2/3 < 0.7
+    assert merge_overlapping([]) == []

@@ -1,0 +1,368 @@
+"""Train the fast defect model from scratch on a line's images.
+
+Phases, each ending cleanly at its share of the time budget:
+  1. ssl     - masked patch reconstruction on the line's images (the encoder learns the surface);
+  2. defect  - segmentation + image + class objectives on generic synthetic defects pasted on
+               good images, and on real masks/boxes/classes where the data has them;
+  3. fit     - patch memory bank from good images, then calibration on held-out validation
+               images (score source, image threshold, pixel threshold).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lineinspect.errors import LineInspectError
+from lineinspect.training.anomaly_synthesis import synthesize_defects
+from lineinspect.training.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from lineinspect.training.data_cache import load_cache, validation_split
+from lineinspect.training.datasets import Dataset
+from lineinspect.training.metrics import f1_optimal_threshold, image_auroc, threshold_for_false_reject_rate
+from lineinspect.training.named_pasting import paste_named_defects
+from lineinspect.training.schedule import lr_at
+from lineinspect.vision.checkpoints import load_pretrained_encoder
+from lineinspect.vision.defect_model import DefectModel, DefectModelConfig
+from lineinspect.vision.encoder import preset
+from lineinspect.vision.heads import HeadConfig
+from lineinspect.vision.inspector import Calibration, image_scores
+from lineinspect.vision.model_io import resolve_device, save_model_dir
+
+# Per-preset defaults: (total steps, CPU batch, GPU batch, memory-bank size, learning rate)
+PRESET_DEFAULTS = {
+    "tiny": (1500, 16, 64, 2048, 1e-3),
+    "s14": (3000, 16, 64, 4096, 5e-4),
+    "l14": (4000, 16, 64, 8192, 2e-4),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    preset: str = "tiny"
+    img_size: int | None = None  # override the preset's input size (multiple of its patch)
+    device: str = "cpu"
+    seed: int = 0
+    time_budget: float | None = None  # seconds for the whole command; phases end cleanly inside it
+    steps: int | None = None  # optimisation steps, ssl + defect (preset default)
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float = 0.05
+    ssl_fraction: float = 0.15  # share of steps/time for masked reconstruction
+    p_defect: float = 0.5  # share of good images that get a synthetic defect per step
+    paste_types: tuple[str, ...] = ()  # named generator defect types also pasted (default: generic only)
+    val_fraction: float = 0.1
+    target_frr: float | None = None  # choose the threshold for this false-reject rate instead of best F1
+    memory_bank_size: int | None = None
+    checkpoint_every_s: float = 120.0
+    pretrained: str | None = None  # local ViT checkpoint to start the encoder from
+    pretrained_act: str | None = None  # its activation when the file cannot tell ("gelu" for LAION CLIP)
+
+    def resolved(self) -> TrainConfig:
+        if self.preset not in PRESET_DEFAULTS:
+            raise LineInspectError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESET_DEFAULTS)}")
+        steps, cpu_bs, gpu_bs, bank, lr = PRESET_DEFAULTS[self.preset]
+        gpu = self.device.startswith("cuda")
+        return replace(self, steps=self.steps or steps, batch_size=self.batch_size or (gpu_bs if gpu else cpu_bs),
+                       memory_bank_size=self.memory_bank_size or bank, lr=self.lr or lr)
+
+
+@dataclass
+class Progress:
+    phase: str = "ssl"
+    step: int = 0  # steps done in the current phase
+    seconds: dict = field(default_factory=dict)  # seconds spent per finished/ongoing phase
+    losses: dict = field(default_factory=dict)
+
+
+def focal_dice_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-pixel focal BCE + soft dice on defect images. logits/target (B,1,S,S); weight (B,) 0/1."""
+    if weight.sum() == 0:
+        return logits.sum() * 0
+    logits, target = logits.float(), target.float()
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p = torch.sigmoid(logits)
+    pt = p * target + (1 - p) * (1 - target)
+    focal = ((1 - pt) ** 2 * bce).mean((1, 2, 3))
+    focal = (focal * weight).sum() / weight.sum()
+    inter = (p * target).sum((1, 2, 3))
+    dice = 1 - (2 * inter + 1) / (p.sum((1, 2, 3)) + target.sum((1, 2, 3)) + 1)
+    has_defect = (target.sum((1, 2, 3)) > 0).float() * weight
+    dice = (dice * has_defect).sum() / has_defect.sum().clamp_min(1)
+    return 5 * focal + dice
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, dataset: Dataset, out: Path, resume: bool = False) -> None:
+        self.cfg = config.resolved()
+        self.dataset = dataset
+        self.out = Path(out)
+        self.ckpt_dir = self.out / "checkpoint"
+        self.device = resolve_device(self.cfg.device)
+        self.start = time.monotonic()
+        torch.manual_seed(self.cfg.seed)
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, os.cpu_count() or 1))
+        enc = preset(self.cfg.preset, **({"img_size": self.cfg.img_size} if self.cfg.img_size else {}))
+        pretrained = None
+        if self.cfg.pretrained:
+            pretrained = load_pretrained_encoder(self.cfg.pretrained, base=enc, act=self.cfg.pretrained_act)
+            enc = pretrained.config
+        self.size = enc.img_size
+        self.class_names = list(dataset.class_names) if self._has_class_labels() else []
+        self.model = DefectModel(DefectModelConfig(
+            enc, HeadConfig(num_classes=len(self.class_names)), memory_bank_size=self.cfg.memory_bank_size,
+        ))
+        if pretrained is not None:
+            self.model.encoder.load_state_dict(pretrained.state_dict())
+        self.model.to(self.device)
+        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "token" not in n]
+        no_decay = [p for n, p in self.model.named_parameters() if p.ndim < 2 or "token" in n]
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.cfg.lr, betas=(0.9, 0.98),
+        )
+        self.progress = Progress()
+        if resume and has_checkpoint(self.ckpt_dir):
+            meta = load_checkpoint(self.ckpt_dir, self.model, self.opt)
+            self.progress = Progress(**meta["progress"])
+            tqdm.write(f"resuming from {self.ckpt_dir}: phase {self.progress.phase}, step {self.progress.step}")
+        self.gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.progress.step)
+        self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
+        self.last_ckpt = time.monotonic()
+
+    def _has_class_labels(self) -> bool:
+        return bool(self.dataset.class_names) and any(s.is_defect for s in self.dataset.train)
+
+    # ---- time accounting -------------------------------------------------------------------
+    def phase_budget(self, phase: str) -> float | None:
+        if self.cfg.time_budget is None:
+            return None
+        # Reserve time for the memory bank and calibration, then split the rest between phases.
+        train_time = self.cfg.time_budget * 0.88 - self.load_seconds
+        share = self.cfg.ssl_fraction if phase == "ssl" else 1 - self.cfg.ssl_fraction
+        return max(0.0, train_time * share)
+
+    def phase_steps(self, phase: str) -> int:
+        n = int(round(self.cfg.steps * self.cfg.ssl_fraction))
+        return n if phase == "ssl" else self.cfg.steps - n
+
+    # ---- data ------------------------------------------------------------------------------
+    def load_data(self) -> None:
+        t = time.monotonic()
+        samples = self.dataset.train
+        train_idx, val_idx = validation_split(samples, self.cfg.val_fraction)
+        cache = load_cache(samples, self.size, self.class_names, desc="loading images")
+        self.train_cache = cache.subset(train_idx)
+        self.val_cache = cache.subset(val_idx) if val_idx else None
+        self.good_idx = torch.nonzero(~self.train_cache.is_defect).flatten()
+        self.load_seconds = time.monotonic() - t
+
+    def batch(self, only_good: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A training batch on the device: images (B,3,S,S) [0,1], masks (B,1,S,S), defect (B,), class (B,)."""
+        pool = self.good_idx if only_good and len(self.good_idx) else torch.arange(len(self.train_cache))
+        idx = pool[torch.randint(len(pool), (self.cfg.batch_size,), generator=self.gen)]
+        c = self.train_cache
+        images = c.images[idx].to(self.device, non_blocking=True).float().div_(255)
+        masks = c.masks[idx].to(self.device).float()
+        defect = c.is_defect[idx].to(self.device)
+        classes = c.classes[idx].to(self.device)
+        # Photometric jitter only: geometry of a fixed camera is part of "normal".
+        b = images.shape[0]
+        gain = torch.empty(b, 1, 1, 1).uniform_(0.9, 1.1, generator=self.gen).to(self.device)
+        bias = torch.empty(b, 1, 1, 1).uniform_(-0.04, 0.04, generator=self.gen).to(self.device)
+        images = (images * gain + bias).clamp_(0, 1)
+        return images, masks, defect, classes
+
+    # ---- phases ----------------------------------------------------------------------------
+    def run(self) -> Path:
+        self.load_data()
+        for phase in ("ssl", "defect"):
+            order = ("ssl", "defect", "fit")
+            if order.index(self.progress.phase) > order.index(phase):
+                continue
+            self.progress.phase = phase
+            self.train_phase(phase)
+            self.progress = Progress(phase=order[order.index(phase) + 1], seconds=self.progress.seconds,
+                                     losses=self.progress.losses)
+            self.checkpoint()
+        return self.fit_and_save()
+
+    def train_phase(self, phase: str) -> None:
+        total = self.phase_steps(phase)
+        budget = self.phase_budget(phase)
+        if total == 0 or (budget is not None and budget <= 0):
+            return
+        self.model.train()
+        spent_before = self.progress.seconds.get(phase, 0.0)
+        t0 = time.monotonic()
+        bar = tqdm(total=total, initial=self.progress.step, desc=phase, unit="step", dynamic_ncols=True)
+        ema = None
+        while self.progress.step < total:
+            elapsed = spent_before + time.monotonic() - t0
+            if budget is not None and elapsed >= budget:
+                break
+            frac = max(self.progress.step / total, elapsed / budget if budget else 0.0)
+            for group in self.opt.param_groups:
+                group["lr"] = lr_at(frac, self.cfg.lr)
+            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                loss, parts = self.ssl_loss() if phase == "ssl" else self.defect_loss()
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+            self.progress.step += 1
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise LineInspectError(f"training diverged in phase {phase} at step {self.progress.step}; "
+                                       "lower --lr or check the images")
+            ema = value if ema is None else 0.95 * ema + 0.05 * value
+            bar.update(1)
+            bar.set_postfix(loss=f"{ema:.4f}", **{k: f"{v:.3f}" for k, v in parts.items()})
+            self.progress.seconds[phase] = spent_before + time.monotonic() - t0
+            if time.monotonic() - self.last_ckpt > self.cfg.checkpoint_every_s:
+                self.checkpoint()
+        bar.close()
+        self.progress.losses[phase] = ema
+        self.progress.seconds[phase] = spent_before + time.monotonic() - t0
+
+    def ssl_loss(self) -> tuple[torch.Tensor, dict]:
+        images, *_ = self.batch(only_good=True)
+        loss = self.model.masked_reconstruction_loss(images)
+        return loss, {}
+
+    def defect_loss(self) -> tuple[torch.Tensor, dict]:
+        images, masks, defect, classes = self.batch()
+        good = ~defect
+        if good.any():
+            pasted, pmask, has = synthesize_defects(images[good], self.gen, self.cfg.p_defect)
+            if self.cfg.paste_types:
+                pasted, pmask, has = paste_named_defects(pasted, pmask, has, self.cfg.paste_types, self.gen)
+            images[good], masks[good] = pasted, pmask
+            target = defect.clone()
+            target[good] = has
+        else:
+            target = defect
+        has_mask = self.train_cache.has_mask.new_ones(len(images)).to(self.device)
+        out = self.model.logits(images)
+        seg = focal_dice_loss(out.mask_logits, masks, has_mask.float())
+        img = F.binary_cross_entropy_with_logits(out.image_logit.float(), target.float())
+        parts = {"seg": float(seg.detach()), "img": float(img.detach())}
+        loss = seg + img
+        if out.class_logits is not None and (classes >= 0).any():
+            known = classes >= 0
+            cls = F.cross_entropy(out.class_logits[known].float(), classes[known], label_smoothing=0.1)
+            parts["cls"] = float(cls.detach())
+            loss = loss + cls
+        return loss, parts
+
+    def checkpoint(self) -> None:
+        save_checkpoint(self.ckpt_dir, self.model, self.opt,
+                        {"progress": asdict(self.progress), "config": asdict(self.cfg)})
+        self.last_ckpt = time.monotonic()
+
+    # ---- memory bank and calibration -------------------------------------------------------
+    @torch.no_grad()
+    def outputs(self, images_u8: torch.Tensor) -> list:
+        self.model.eval()
+        outs = []
+        for chunk in images_u8.split(32):
+            x = chunk.to(self.device).float().div_(255)
+            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                outs.append(self.model(x))
+        return outs
+
+    @torch.no_grad()
+    def fit_memory(self) -> bool:
+        good = self.train_cache.images[self.good_idx]
+        if len(good) == 0:
+            return False
+        self.model.eval()
+        desc = []
+        for chunk in good.split(32):
+            x = chunk.to(self.device).float().div_(255)
+            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                d, _ = self.model.descriptors(x)
+            desc.append(d.float().flatten(0, 1))
+        self.model.memory.fit(torch.cat(desc), seed=self.cfg.seed)
+        return True
+
+    def validation_set(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Held-out images plus, for each good one, a copy with a synthetic defect (fixed seed)."""
+        cache = self.val_cache if self.val_cache is not None else self.train_cache
+        images, masks, defect = cache.images, cache.masks, cache.is_defect
+        good = ~defect
+        g = torch.Generator().manual_seed(12345)
+        pasted, pmask, has = synthesize_defects(images[good].float().div(255), g, p_defect=1.0)
+        images = torch.cat([images, (pasted * 255).round().to(torch.uint8)[has]])
+        masks = torch.cat([masks, pmask.to(torch.uint8)[has]])
+        labels = torch.cat([defect, torch.ones(int(has.sum()), dtype=torch.bool)])
+        is_good = torch.cat([good, torch.zeros(int(has.sum()), dtype=torch.bool)])
+        return images, masks, labels, is_good
+
+    def calibrate(self, bank_fitted: bool) -> Calibration:
+        images, masks, labels, is_good = self.validation_set()
+        outs = self.outputs(images)
+        base = Calibration(class_names=tuple(self.class_names))
+        if bank_fitted:
+            peaks = torch.cat([o.memory_map.flatten(1).amax(1) for o in outs]).cpu()
+            ref = peaks[is_good] if is_good.sum() >= 2 else peaks
+            base = replace(base, memory_mean=float(ref.mean()), memory_std=float(ref.std().clamp_min(1e-6)))
+        scores = {k: torch.cat([image_scores(o, base)[k] for o in outs]).cpu().numpy()
+                  for k in image_scores(outs[0], base)}
+        y = labels.numpy()
+        notes: dict = {"n_val_images": int(len(y)), "n_val_defect": int(y.sum())}
+        source = "head"
+        if 0 < y.sum() < len(y):
+            aurocs = {k: image_auroc(v, y) for k, v in scores.items()}
+            notes["val_image_auroc"] = {k: round(v, 4) for k, v in aurocs.items()}
+            best = max(aurocs, key=aurocs.get)
+            source = best if aurocs[best] > aurocs["head"] + 0.005 else "head"
+            if self.cfg.target_frr is not None:
+                threshold = threshold_for_false_reject_rate(scores[source][~y.astype(bool)], self.cfg.target_frr)
+            else:
+                threshold, f1 = f1_optimal_threshold(scores[source], y)
+                notes["val_f1"] = round(f1, 4)
+        else:
+            threshold = 0.5  # only defect images to validate on: keep the trained decision point
+        maps = torch.cat([o.anomaly_map for o in outs]).float().cpu()
+        sel = labels.bool()
+        pix_scores = maps[sel].flatten().numpy()
+        pix_labels = masks[sel].flatten().numpy() > 0
+        if len(pix_scores) > 400_000:
+            pick = np.random.default_rng(0).choice(len(pix_scores), 400_000, replace=False)
+            pix_scores, pix_labels = pix_scores[pick], pix_labels[pick]
+        pixel_threshold = 0.5
+        if 0 < pix_labels.sum() < len(pix_labels):
+            pixel_threshold, pf1 = f1_optimal_threshold(pix_scores, pix_labels)
+            notes["val_pixel_f1"] = round(pf1, 4)
+        return replace(base, score_source=source, threshold=float(threshold),
+                       pixel_threshold=float(max(pixel_threshold, 0.05)), notes=notes)
+
+    def fit_and_save(self) -> Path:
+        t = time.monotonic()
+        fitted = self.fit_memory()
+        calibration = self.calibrate(fitted)
+        self.progress.seconds["fit"] = time.monotonic() - t
+        summary = {
+            "training": {"config": asdict(self.cfg), "seconds": {k: round(v, 1) for k, v in
+                                                                 self.progress.seconds.items()},
+                         "load_seconds": round(self.load_seconds, 1), "final_losses": self.progress.losses,
+                         "wall_seconds": round(time.monotonic() - self.start, 1)},
+            "data": {"root": str(self.dataset.root), "layout": self.dataset.layout,
+                     "n_train": len(self.train_cache), "n_val": len(self.val_cache) if self.val_cache else 0,
+                     "class_names": self.class_names},
+        }
+        save_model_dir(self.out, self.model.cpu(), calibration, summary)
+        tqdm.write(json.dumps({"model": str(self.out), "calibration": calibration.notes,
+                               "score_source": calibration.score_source, "threshold": round(calibration.threshold, 4),
+                               **summary["training"]["seconds"]}))
+        return self.out

@@ -1,0 +1,132 @@
+"""Anomaly map post-processing: resize, smooth, and turn a map into boxes.
+
+All functions are pure numpy/OpenCV on (H, W) float maps; boxes use the `Box` convention of
+`lineinspect.vision.result` (x0, y0 inclusive, x1, y1 exclusive, in map pixels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import cv2
+import numpy as np
+
+from lineinspect.vision.result import Box
+
+__all__ = ["box_iou", "boxes_from_map", "merge_overlapping", "smooth_map", "upsample_map"]
+
+
+def _check_map(anomaly_map: np.ndarray, name: str = "anomaly_map") -> np.ndarray:
+    anomaly_map = np.asarray(anomaly_map)
+    if anomaly_map.ndim != 2 or anomaly_map.size == 0:
+        raise ValueError(f"{name} must be a non-empty (H, W) array, got shape {anomaly_map.shape}")
+    if not np.issubdtype(anomaly_map.dtype, np.number) and anomaly_map.dtype != np.bool_:
+        raise ValueError(f"{name} must be numeric, got dtype {anomaly_map.dtype}")
+    return anomaly_map
+
+
+def upsample_map(anomaly_map: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of an (h, w) map to (height, width) float32 (also fine for shrinking)."""
+    anomaly_map = _check_map(anomaly_map)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"target size must be positive, got height={height}, width={width}")
+    src = anomaly_map.astype(np.float32, copy=False)
+    if src.shape == (height, width):
+        return src.copy()
+    return cv2.resize(src, (int(width), int(height)), interpolation=cv2.INTER_LINEAR)
+
+
+def smooth_map(anomaly_map: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Gaussian blur with standard deviation `sigma_px` pixels -> float32; sigma <= 0 returns a copy.
+
+    The kernel size is left to OpenCV (about 8 sigma wide for float input); borders reflect.
+    """
+    src = _check_map(anomaly_map).astype(np.float32, copy=True)
+    if sigma_px <= 0:
+        return src
+    return cv2.GaussianBlur(src, (0, 0), sigmaX=float(sigma_px), sigmaY=float(sigma_px))
+
+
+def boxes_from_map(
+    anomaly_map: np.ndarray,
+    threshold: float,
+    min_area: int = 16,
+    max_boxes: int = 32,
+    label: str = "",
+) -> list[Box]:
+    """Boxes around the 8-connected regions where ``anomaly_map >= threshold``.
+
+    Each box's score is the peak map value inside its region (not inside its rectangle, which
+    may cover part of a neighbour). Regions with fewer than `min_area` pixels are dropped; the
+    rest are sorted by score descending (ties: top-most, then left-most first) and cut to
+    `max_boxes`.
+    """
+    anomaly_map = _check_map(anomaly_map)
+    if not np.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number, got {threshold}")
+    if min_area < 1 or max_boxes < 0:
+        raise ValueError(f"min_area must be >= 1 and max_boxes >= 0, got {min_area} and {max_boxes}")
+    values = anomaly_map.astype(np.float64, copy=False)
+    binary = (values >= threshold).astype(np.uint8)  # NaN compares False: never a defect pixel
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8, ltype=cv2.CV_32S)
+    if n <= 1 or max_boxes == 0:
+        return []
+    # Peak value per component in one pass over the foreground pixels.
+    fg = labels > 0
+    peaks = np.full(n, -np.inf)
+    np.maximum.at(peaks, labels[fg], values[fg])
+    # Filter and rank with array operations: a noisy map can hold ~10^5 components.
+    keep = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] >= min_area)
+    keep = keep[keep > 0]  # label 0 is the background
+    x, y = stats[keep, cv2.CC_STAT_LEFT], stats[keep, cv2.CC_STAT_TOP]
+    order = np.lexsort((x, y, -peaks[keep]))[:max_boxes]  # last key sorts first: score desc, then y, x
+    boxes = []
+    for i in keep[order]:
+        x0, y0, w, h = (int(v) for v in stats[i, :4])  # LEFT, TOP, WIDTH, HEIGHT
+        boxes.append(Box(x0=x0, y0=y0, x1=x0 + w, y1=y0 + h, score=float(peaks[i]), label=label))
+    return boxes
+
+
+def box_iou(a: np.ndarray | Sequence, b: np.ndarray | Sequence) -> np.ndarray:
+    """IoU matrix (N, M) between boxes a (N, 4) and b (M, 4) given as x0, y0, x1, y1, ends exclusive.
+
+    Written with numpy because it is four lines of broadcasting; torchvision's version would add
+    a dependency and a torch round trip. Zero-area boxes have IoU 0 with everything.
+    """
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)  # (N,)
+    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)  # (M,)
+    iw = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
+    ih = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
+    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)  # (N, M)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def merge_overlapping(boxes: Sequence[Box], iou: float = 0.5) -> list[Box]:
+    """Merge same-label boxes whose IoU is >= `iou` into their union (score = the larger one).
+
+    Boxes of one connected-component pass rarely overlap this much; this is for boxes pooled
+    from several maps (per-class channels, tiles) where one defect would otherwise count once
+    as a hit and again as a false positive in mAP. Repeats until no pair qualifies; sorted by
+    score descending.
+    """
+    merged = sorted(boxes, key=lambda b: (-b.score, b.y0, b.x0))
+    changed = True
+    while changed and len(merged) > 1:
+        changed = False
+        ious = box_iou([(b.x0, b.y0, b.x1, b.y1) for b in merged], [(b.x0, b.y0, b.x1, b.y1) for b in merged])
+        for i in range(len(merged)):
+            for j in range(i + 1, len(merged)):
+                a, c = merged[i], merged[j]
+                if a.label == c.label and ious[i, j] >= iou:
+                    # i comes first, so it has the higher (or equal) score and keeps its place.
+                    merged[i] = Box(min(a.x0, c.x0), min(a.y0, c.y0), max(a.x1, c.x1), max(a.y1, c.y1),
+                                    score=max(a.score, c.score), label=a.label)
+                    del merged[j]
+                    changed = True
+                    break
+            if changed:
+                break
+    return merged
