@@ -85,6 +85,8 @@ class AuditConfig:
             raise LineInspectError(f"--batch-size {self.batch_size}: must be >= 1")
         if self.thumbnails < 0:
             raise LineInspectError(f"--thumbnails {self.thumbnails}: must be >= 0")
+        if self.give_up_after_s < 0:
+            raise LineInspectError(f"--give-up-after {self.give_up_after_s}: must be >= 0")
         if self.max_attempts < 1:
             raise LineInspectError(f"max_attempts {self.max_attempts}: must be >= 1")
 

@@ -30,6 +30,11 @@ class ImageCache:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def to(self, device: torch.device) -> ImageCache:
+        """Keep the tensors on `device` (a GPU holds a line's few hundred images easily)."""
+        return ImageCache(self.images.to(device), self.masks.to(device), self.is_defect.to(device),
+                          self.has_mask.to(device), self.classes.to(device), self.samples)
+
     def subset(self, idx: list[int]) -> ImageCache:
         t = torch.as_tensor(idx, dtype=torch.long)
         return ImageCache(self.images[t], self.masks[t], self.is_defect[t], self.has_mask[t], self.classes[t],

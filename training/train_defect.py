@@ -49,6 +49,7 @@ PRESET_DEFAULTS = {
 class TrainConfig:
     preset: str = "tiny"
     img_size: int | None = None  # override the preset's input size (multiple of its patch)
+    patch_size: int | None = None  # override the preset's patch size
     device: str = "cpu"
     seed: int = 0
     time_budget: float | None = None  # seconds for the whole command; phases end cleanly inside it
@@ -111,7 +112,8 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         if self.device.type == "cpu":
             torch.set_num_threads(max(1, os.cpu_count() or 1))
-        enc = preset(self.cfg.preset, **({"img_size": self.cfg.img_size} if self.cfg.img_size else {}))
+        overrides = {k: v for k, v in (("img_size", self.cfg.img_size), ("patch_size", self.cfg.patch_size)) if v}
+        enc = preset(self.cfg.preset, **overrides)
         pretrained = None
         if self.cfg.pretrained:
             pretrained = load_pretrained_encoder(self.cfg.pretrained, base=enc, act=self.cfg.pretrained_act)
@@ -138,6 +140,10 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.progress.step)
         self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
         self.last_ckpt = time.monotonic()
+        self.step_ms: dict[str, float] = {}
+        self.steps_done: dict[str, int] = {}  # mean wall time per optimisation step, per phase
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     def _has_class_labels(self) -> bool:
         return bool(self.dataset.class_names) and any(s.is_defect for s in self.dataset.train)
@@ -161,7 +167,7 @@ class Trainer:
         samples = self.dataset.train
         train_idx, val_idx = validation_split(samples, self.cfg.val_fraction)
         cache = load_cache(samples, self.size, self.class_names, desc="loading images")
-        self.train_cache = cache.subset(train_idx)
+        self.train_cache = cache.subset(train_idx).to(self.device)
         self.val_cache = cache.subset(val_idx) if val_idx else None
         self.good_idx = torch.nonzero(~self.train_cache.is_defect).flatten()
         self.load_seconds = time.monotonic() - t
@@ -203,6 +209,7 @@ class Trainer:
             return
         self.model.train()
         spent_before = self.progress.seconds.get(phase, 0.0)
+        first_step = self.progress.step
         t0 = time.monotonic()
         bar = tqdm(total=total, initial=self.progress.step, desc=phase, unit="step", dynamic_ncols=True)
         ema = None
@@ -233,6 +240,10 @@ class Trainer:
         bar.close()
         self.progress.losses[phase] = ema
         self.progress.seconds[phase] = spent_before + time.monotonic() - t0
+        self.steps_done[phase] = self.progress.step
+        done = self.progress.step - first_step
+        if done:
+            self.step_ms[phase] = round((time.monotonic() - t0) * 1000 / done, 1)
 
     def ssl_loss(self) -> tuple[torch.Tensor, dict]:
         images, *_ = self.batch(only_good=True)
@@ -298,7 +309,7 @@ class Trainer:
     def validation_set(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Held-out images plus, for each good one, a copy with a synthetic defect (fixed seed)."""
         cache = self.val_cache if self.val_cache is not None else self.train_cache
-        images, masks, defect = cache.images, cache.masks, cache.is_defect
+        images, masks, defect = cache.images.cpu(), cache.masks.cpu(), cache.is_defect.cpu()
         good = ~defect
         g = torch.Generator().manual_seed(12345)
         pasted, pmask, has = synthesize_defects(images[good].float().div(255), g, p_defect=1.0)
@@ -356,6 +367,11 @@ class Trainer:
             "training": {"config": asdict(self.cfg), "seconds": {k: round(v, 1) for k, v in
                                                                  self.progress.seconds.items()},
                          "load_seconds": round(self.load_seconds, 1), "final_losses": self.progress.losses,
+                         "steps_planned": {"ssl": self.phase_steps("ssl"), "defect": self.phase_steps("defect")},
+                         "steps": self.steps_done,
+                         "ms_per_step": self.step_ms,
+                         "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+                         if self.device.type == "cuda" else None,
                          "wall_seconds": round(time.monotonic() - self.start, 1)},
             "data": {"root": str(self.dataset.root), "layout": self.dataset.layout,
                      "n_train": len(self.train_cache), "n_val": len(self.val_cache) if self.val_cache else 0,

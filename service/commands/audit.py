@@ -36,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--tls-ca", type=Path, default=None, help="CA certificate (PEM) to verify a TLS server")
     p.add_argument("--tls-cert", type=Path, default=None, help="client certificate (PEM) for mutual TLS")
     p.add_argument("--tls-key", type=Path, default=None, help="client private key (PEM) for mutual TLS")
+    p.add_argument("--give-up-after", type=float, default=120.0,
+                   help="stop when the server is unreachable this many seconds (default 120; rerun resumes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=run)
     return p
@@ -48,7 +50,7 @@ def config_from_args(args: argparse.Namespace) -> AuditConfig:
         source=args.source, out=args.out, server=args.server, model_dir=args.model,
         concurrency=args.concurrency, heatmaps=args.heatmaps, device=args.device, batch_size=args.batch_size,
         thumbnails=args.thumbnails, token_file=args.token_file, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
-        tls_key=args.tls_key, progress=not args.no_progress,
+        tls_key=args.tls_key, progress=not args.no_progress, give_up_after_s=args.give_up_after,
     )
 
 

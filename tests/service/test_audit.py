@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import json
 import os
@@ -13,7 +12,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -216,14 +214,13 @@ def test_audit_cli_with_a_model_dir(tmp_path: Path, inspector, capsys) -> None:
 # Against a real server
 
 
-class ServerThread:
-    """A real gRPC server on 127.0.0.1, its asyncio loop in a background thread."""
+class Restartable:
+    """A real gRPC server on 127.0.0.1 (on the conftest's asyncio loop) that can be stopped and
+    started again on the same port."""
 
-    def __init__(self, inspector) -> None:
+    def __init__(self, aio_loop, inspector) -> None:
+        self.aio_loop = aio_loop
         self.inspector = inspector
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
         self.running = None
         self.port = self.start()
         self.address = f"127.0.0.1:{self.port}"
@@ -233,39 +230,31 @@ class ServerThread:
         from lineinspect.service.server import start_server
 
         config = ServerConfig(port=port, min_batch=1, max_batch=8, max_delay_ms=2.0, grace_s=0.0)
-        coro = start_server(config, self.inspector, warmup=False)
-        self.running = asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
+        self.running = self.aio_loop.run(start_server(config, self.inspector, warmup=False))
         return self.running.port
 
     def stop(self) -> None:
         if self.running is not None:
-            asyncio.run_coroutine_threadsafe(self.running.stop(0.0), self.loop).result(60)
+            self.aio_loop.run(self.running.stop(0.0))
             self.running = None
 
-    def close(self) -> None:
-        self.stop()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+
+@pytest.fixture()
+def audit_server(aio_loop, inspector) -> Iterator[Restartable]:
+    """A server for this module's inspector (it has classes and a threshold inside the scores)."""
+    running = Restartable(aio_loop, inspector)
+    yield running
+    running.stop()
 
 
-@contextmanager
-def serving(inspector) -> Iterator[ServerThread]:
-    server = ServerThread(inspector)
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-def test_server_audit_with_errors_heatmaps_and_a_manifest(tmp_path: Path, inspector) -> None:
+def test_server_audit_with_errors_heatmaps_and_a_manifest(tmp_path: Path, audit_server: Restartable) -> None:
+    server = audit_server
     ids = make_images(tmp_path / "imgs")
     manifest = tmp_path / "lot.txt"
     manifest.write_text("\n".join([f"imgs/{i}" for i in ids] + ["imgs/missing.png"]) + "\n")
     out = tmp_path / "report"
-    with serving(inspector) as server:
-        config = AuditConfig(manifest, out, server=server.address, concurrency=3, heatmaps=True,
-                             progress=False)
-        summary = run_audit(config)
+    config = AuditConfig(manifest, out, server=server.address, concurrency=3, heatmaps=True, progress=False)
+    run_audit(config)
     expected = [f"imgs/{i}" for i in ids] + ["imgs/missing.png"]
     summary = check_report(out, expected)
     rows = {r["item_id"]: r for r in read_rows(out)}
@@ -288,14 +277,15 @@ AUDIT_MAIN = (
 )
 
 
-def test_server_audit_killed_mid_run_then_resumed(tmp_path: Path, inspector) -> None:
+def test_server_audit_killed_mid_run_then_resumed(tmp_path: Path, audit_server: Restartable) -> None:
+    server = audit_server
     ids = make_images(tmp_path / "imgs", n=40, corrupt=False)
     out = tmp_path / "report"
-    with serving(inspector) as server:
-        cmd = [sys.executable, "-c", AUDIT_MAIN, "audit", str(tmp_path / "imgs"), "--server", server.address,
-               "--out", str(out), "--concurrency", "1", "--no-progress"]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        results = out / RESULTS_FILE
+    cmd = [sys.executable, "-c", AUDIT_MAIN, "audit", str(tmp_path / "imgs"), "--server", server.address,
+           "--out", str(out), "--concurrency", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    results = out / RESULTS_FILE
+    try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and proc.poll() is None:
             if results.exists() and results.read_bytes().count(b"\n") >= 4:
@@ -303,40 +293,46 @@ def test_server_audit_killed_mid_run_then_resumed(tmp_path: Path, inspector) -> 
                 break
             time.sleep(0.005)
         proc.wait(10)
-        assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
-        before = len(ResultsStore(results).load())
-        assert 4 <= before < len(ids)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    before = len(ResultsStore(results).load())
+    assert 4 <= before < len(ids)
 
-        redone: list[str] = []
-        config = AuditConfig(tmp_path / "imgs", out, server=server.address, progress=False)
-        summary = run_audit(config, on_result=lambda r: redone.append(r["item_id"]))
+    redone: list[str] = []
+    config = AuditConfig(tmp_path / "imgs", out, server=server.address, progress=False)
+    summary = run_audit(config, on_result=lambda r: redone.append(r["item_id"]))
     assert len(redone) == len(ids) - before
     assert summary["resumed_items"] == before
     check_report(out, ids)
 
 
-def test_server_audit_survives_a_server_restart(tmp_path: Path, inspector) -> None:
+def test_server_audit_survives_a_server_restart(tmp_path: Path, audit_server: Restartable) -> None:
+    server = audit_server
     ids = make_images(tmp_path / "imgs", n=24, corrupt=False)
     out = tmp_path / "report"
-    with serving(inspector) as server:
-        restarted = threading.Event()
+    restarted = threading.Event()
 
-        def restart() -> None:
-            server.stop()
-            time.sleep(0.3)
-            server.start(server.port)
-            restarted.set()
+    def restart() -> None:
+        server.stop()
+        time.sleep(0.3)
+        server.start(server.port)
+        restarted.set()
 
-        rows: list[str] = []
+    rows: list[str] = []
 
-        def after_each(row: dict) -> None:
-            rows.append(row["item_id"])
-            if len(rows) == 5:
-                threading.Thread(target=restart).start()
+    def after_each(row: dict) -> None:
+        rows.append(row["item_id"])
+        if len(rows) == 5:
+            threading.Thread(target=restart).start()
 
-        config = AuditConfig(tmp_path / "imgs", out, server=server.address, concurrency=2, progress=False)
-        summary = run_audit(config, on_result=after_each, log=lambda m: None)
-        assert restarted.wait(30)
+    config = AuditConfig(tmp_path / "imgs", out, server=server.address, concurrency=2, progress=False)
+    logs: list[str] = []
+    summary = run_audit(config, on_result=after_each, log=logs.append)
+    assert restarted.wait(30)
+    assert any("reconnecting" in m for m in logs), "the audit stream must have broken and been reopened"
     assert sorted(rows) == sorted(ids)  # every item once, none lost in the broken stream
     assert summary["counts"]["error"] == 0
     check_report(out, ids)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import random
 import threading
@@ -172,47 +171,38 @@ def test_capture_reopens_a_lost_camera_and_keeps_counting() -> None:
 # Against a real server
 
 
-class ServerThread:
-    """A real gRPC server on 127.0.0.1, its asyncio loop in a background thread."""
+class Restartable:
+    """A real gRPC server on 127.0.0.1 (on the conftest's asyncio loop) that can be stopped and
+    started again on the same port."""
 
-    def __init__(self, inspector) -> None:
+    def __init__(self, aio_loop, inspector) -> None:
+        self.aio_loop = aio_loop
         self.inspector = inspector
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
         self.running: RunningServer | None = None
 
     def start(self, port: int = 0, **overrides) -> int:
         settings = {"min_batch": 1, "max_batch": 8, "max_delay_ms": 2.0, "grace_s": 0.0, **overrides}
         config = ServerConfig(port=port, **settings)
-        coro = start_server(config, self.inspector, warmup=False)
-        self.running = asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
+        self.running = self.aio_loop.run(start_server(config, self.inspector, warmup=False))
         return self.running.port
 
     def stop(self) -> None:
         if self.running is not None:
-            asyncio.run_coroutine_threadsafe(self.running.stop(0.0), self.loop).result(60)
+            self.aio_loop.run(self.running.stop(0.0))
             self.running = None
-
-    def close(self) -> None:
-        self.stop()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
-@pytest.fixture(scope="module")
-def inspector():
-    from lineinspect.vision.model_io import untrained_inspector
-
-    return untrained_inspector("tiny")
 
 
 @pytest.fixture()
-def server(inspector) -> Iterator[ServerThread]:
-    s = ServerThread(inspector)
-    s.start()
-    yield s
-    s.close()
+def restartable(aio_loop, tiny_inspector) -> Iterator[Restartable]:
+    server = Restartable(aio_loop, tiny_inspector)
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def live_server(restartable: Restartable) -> Restartable:
+    restartable.start()
+    return restartable
 
 
 def check_counts(summary: dict) -> None:
@@ -220,12 +210,13 @@ def check_counts(summary: dict) -> None:
     assert summary["sent"] == summary["verdicts"] + summary["server_drops"] + summary["lost_in_flight"]
 
 
-def test_stream_cli_prints_a_line_per_frame_and_a_consistent_summary(tmp_path: Path, server, capsys) -> None:
+def test_stream_cli_prints_a_line_per_frame_and_a_consistent_summary(tmp_path: Path, live_server,
+                                                                       capsys) -> None:
     frames = write_frames(tmp_path / "frames", 16)
     parser = argparse.ArgumentParser()
     stream_command.register(parser.add_subparsers())
     args = parser.parse_args([
-        "stream", "--source", str(frames), "--server", f"127.0.0.1:{server.running.port}",
+        "stream", "--source", str(frames), "--server", f"127.0.0.1:{live_server.running.port}",
         "--camera-id", "line-3", "--fps", "40", "--jpeg-quality", "80",
         "--annotate", str(tmp_path / "annotated.mp4"), "--heatmaps",
     ])
@@ -255,8 +246,9 @@ def test_stream_cli_prints_a_line_per_frame_and_a_consistent_summary(tmp_path: P
     assert ok and first.shape[1] == 80 and first.shape[0] > 60  # the frame plus the verdict bar
 
 
-def test_stream_reconnects_when_the_server_restarts(tmp_path: Path, server) -> None:
+def test_stream_reconnects_when_the_server_restarts(tmp_path: Path, live_server) -> None:
     frames = write_frames(tmp_path / "frames", 10)
+    server = live_server
     port = server.running.port
     events: list[dict] = []
     first_verdicts = threading.Event()
@@ -302,17 +294,13 @@ def test_stream_without_a_server_gives_up_with_a_clear_error(tmp_path: Path) -> 
         StreamClient(config, log=lambda m: None).run()
 
 
-def test_server_drops_are_counted_apart_from_verdicts(tmp_path: Path, inspector) -> None:
+def test_server_drops_are_counted_apart_from_verdicts(tmp_path: Path, restartable: Restartable) -> None:
     frames = write_frames(tmp_path / "frames", 6)
-    server = ServerThread(inspector)
-    try:
-        # A frame deadline of 1 us: the server must drop every frame, and say so frame by frame.
-        port = server.start(frame_timeout_ms=0.001)
-        events: list[dict] = []
-        config = StreamConfig(str(frames), f"127.0.0.1:{port}", "cam-d", fps=30.0)
-        summary = StreamClient(config, emit=events.append, log=lambda m: None).run()
-    finally:
-        server.close()
+    # A frame deadline of 1 us: the server must drop every frame, and say so frame by frame.
+    port = restartable.start(frame_timeout_ms=0.001)
+    events: list[dict] = []
+    config = StreamConfig(str(frames), f"127.0.0.1:{port}", "cam-d", fps=30.0)
+    summary = StreamClient(config, emit=events.append, log=lambda m: None).run()
     check_counts(summary)
     drops = [e for e in events if e["event"] == "dropped"]
     assert summary["server_drops"] == len(drops) == summary["sent"] >= 1 and summary["verdicts"] == 0
@@ -320,20 +308,15 @@ def test_server_drops_are_counted_apart_from_verdicts(tmp_path: Path, inspector)
     assert all(d["detail"] for d in drops)
 
 
-def test_stream_with_a_token_server(tmp_path: Path, inspector) -> None:
+def test_stream_with_a_token_server(tmp_path: Path, restartable: Restartable) -> None:
     frames = write_frames(tmp_path / "frames", 3)
     (tmp_path / "server.tokens").write_text("# rotated weekly\nsecret-1\n")
     (tmp_path / "client.token").write_text("secret-1\n")
     (tmp_path / "wrong.token").write_text("guess\n")
-    server = ServerThread(inspector)
-    try:
-        port = server.start(auth_token_file=tmp_path / "server.tokens")
-        address = f"127.0.0.1:{port}"
-        with pytest.raises(LineInspectError, match="UNAUTHENTICATED.*--token-file"):
-            StreamClient(StreamConfig(str(frames), address, "cam-t", token_file=tmp_path / "wrong.token"),
-                         emit=lambda e: None, log=lambda m: None).run()
-        config = StreamConfig(str(frames), address, "cam-t", fps=30.0, token_file=tmp_path / "client.token")
-        summary = StreamClient(config, emit=lambda e: None).run()
-    finally:
-        server.close()
+    address = f"127.0.0.1:{restartable.start(auth_token_file=tmp_path / 'server.tokens')}"
+    with pytest.raises(LineInspectError, match="UNAUTHENTICATED.*--token-file"):
+        StreamClient(StreamConfig(str(frames), address, "cam-t", token_file=tmp_path / "wrong.token"),
+                     emit=lambda e: None, log=lambda m: None).run()
+    config = StreamConfig(str(frames), address, "cam-t", fps=30.0, token_file=tmp_path / "client.token")
+    summary = StreamClient(config, emit=lambda e: None).run()
     assert summary["sent"] == summary["verdicts"] >= 1
