@@ -141,7 +141,8 @@ class Trainer:
         self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
         self.last_ckpt = time.monotonic()
         self.step_ms: dict[str, float] = {}
-        self.steps_done: dict[str, int] = {}  # mean wall time per optimisation step, per phase
+        self.steps_done: dict[str, int] = {}
+        self.first_loss: dict[str, float] = {}  # mean wall time per optimisation step, per phase
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -211,7 +212,8 @@ class Trainer:
         spent_before = self.progress.seconds.get(phase, 0.0)
         first_step = self.progress.step
         t0 = time.monotonic()
-        bar = tqdm(total=total, initial=self.progress.step, desc=phase, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=total, initial=self.progress.step, desc=phase, unit="step", dynamic_ncols=True,
+                   disable=None)  # no bar when stderr is not a terminal (CI logs, pipes)
         ema = None
         while self.progress.step < total:
             elapsed = spent_before + time.monotonic() - t0
@@ -231,6 +233,8 @@ class Trainer:
             if not math.isfinite(value):
                 raise LineInspectError(f"training diverged in phase {phase} at step {self.progress.step}; "
                                        "lower --lr or check the images")
+            if ema is None:
+                self.first_loss[phase] = value
             ema = value if ema is None else 0.95 * ema + 0.05 * value
             bar.update(1)
             bar.set_postfix(loss=f"{ema:.4f}", **{k: f"{v:.3f}" for k, v in parts.items()})
@@ -366,7 +370,8 @@ class Trainer:
         summary = {
             "training": {"config": asdict(self.cfg), "seconds": {k: round(v, 1) for k, v in
                                                                  self.progress.seconds.items()},
-                         "load_seconds": round(self.load_seconds, 1), "final_losses": self.progress.losses,
+                         "load_seconds": round(self.load_seconds, 1), "first_losses": self.first_loss,
+                         "final_losses": self.progress.losses,
                          "steps_planned": {"ssl": self.phase_steps("ssl"), "defect": self.phase_steps("defect")},
                          "steps": self.steps_done,
                          "ms_per_step": self.step_ms,
