@@ -5,6 +5,12 @@ step), not in the batch worker: cv2 releases the GIL, so several images decode i
 while the single worker thread runs the model, a bad image is refused before it takes a batch
 slot, and the event loop never decodes. The pool is bounded by the queue capacity, because
 an item holds its queue slot while it decodes.
+
+Language path hooks (only when a language part is served, see service/describe.py): a task may
+carry a frame key (camera_id, frame_id) or ask for evidence tokens; the batch call then captures
+the defect model's output through the attached ``EvidenceTap`` and stores each keyed frame's
+tokens in the frame cache, so Describe(FrameRef) reuses them. ``fast_busy`` tells the language
+thread when fast-path work is queued or running, so it yields between decoder steps.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -25,6 +31,9 @@ from lineinspect.service.batcher import Batcher, BatcherConfig, Priority
 from lineinspect.service.config import ServerConfig
 from lineinspect.service.metrics import ServiceMetrics
 from lineinspect.vision.result import Inspection
+
+if TYPE_CHECKING:
+    from lineinspect.service.describe import EvidenceTap, FrameTokenCache
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +133,8 @@ def heatmap_png(heatmap: np.ndarray) -> bytes:
 class _Task:
     image: np.ndarray  # RGB uint8 (H, W, 3)
     want_heatmap: bool
+    frame_key: tuple[str, int] | None = None  # store this frame's evidence tokens under the key
+    want_tokens: bool = False  # return the evidence tokens (Describe of an image)
 
 
 @dataclass(frozen=True)
@@ -131,6 +142,7 @@ class _Output:
     inspection: Inspection
     height: int  # of the decoded input image
     width: int
+    tokens: Any = None  # (N, D) float16 evidence tokens when the task asked for them
 
 
 @dataclass
@@ -141,6 +153,7 @@ class EngineResult:
     height: int
     timings_ms: dict[str, float] = field(default_factory=dict)  # queue, decode, model, post, total
     batch_size: int = 0
+    tokens: Any = None  # (N, D) evidence tokens, when requested with want_tokens
 
 
 class InspectionEngine:
@@ -158,6 +171,18 @@ class InspectionEngine:
             name="inspect",
             prepare_executor=self._pool,
         )
+        self.tap: EvidenceTap | None = None
+        self.frame_cache: FrameTokenCache | None = None
+        self._running_batches = 0  # batches in the worker now (read by the language thread)
+
+    def attach_language(self, tap: EvidenceTap, frame_cache: FrameTokenCache) -> None:
+        """Capture evidence tokens for keyed frames and for requests that ask for them."""
+        self.tap, self.frame_cache = tap, frame_cache
+
+    def fast_busy(self) -> bool:
+        """True while fast-path (FAST or BULK) work waits or any batch runs: language work yields."""
+        return (self._running_batches > 0 or self.batcher.depth(Priority.FAST) > 0
+                or self.batcher.depth(Priority.BULK) > 0)
 
     async def start(self, warmup: bool = True) -> None:
         """Start the batcher; with `warmup`, run one small batch first so the first request
@@ -188,20 +213,26 @@ class InspectionEngine:
         wait: bool = False,
         received: float | None = None,
         name: str = "image",
+        frame_key: tuple[str, int] | None = None,
+        want_tokens: bool = False,
     ) -> EngineResult:
         """Decode, queue, run and post-process one image.
 
         `timeout_s` is the time left to the caller's deadline; `received` the perf_counter
-        time the request arrived (the start of total_ms). Raises the batcher's errors
-        (Overloaded, ShuttingDown, DeadlineExpired), InvalidImage, or the model's error.
+        time the request arrived (the start of total_ms). With a language part attached,
+        `frame_key` stores the frame's evidence tokens in the frame cache and `want_tokens`
+        returns them in the result. Raises the batcher's errors (Overloaded, ShuttingDown,
+        DeadlineExpired), InvalidImage, or the model's error.
         """
+        if self.tap is None:
+            frame_key, want_tokens = None, False
         received = time.perf_counter() if received is None else received
         loop = asyncio.get_running_loop()
         deadline = None if timeout_s is None else loop.time() + timeout_s
         max_pixels = self.config.max_image_pixels
 
         def prepare(src: ImageSource) -> _Task:
-            return _Task(decode_source(src, max_pixels, name), want_heatmap)
+            return _Task(decode_source(src, max_pixels, name), want_heatmap, frame_key, want_tokens)
 
         done = await self.batcher.submit(
             source, priority=priority, deadline=deadline, prepare=prepare, wait=wait
@@ -222,31 +253,57 @@ class InspectionEngine:
         }
         for stage, ms in timings.items():
             self.metrics.observe_stage(stage, ms / 1000)
-        return EngineResult(inspection, png, output.width, output.height, timings, done.batch_size)
+        return EngineResult(inspection, png, output.width, output.height, timings, done.batch_size, output.tokens)
 
     def _process(self, tasks: list[_Task]) -> list[_Output | BaseException]:
         """Runs in the batch worker thread: one model call for the batch. If the batch call
         fails, each image is retried alone so one bad item cannot fail the others."""
-        images = [t.image for t in tasks]
-        flags = [t.want_heatmap for t in tasks]
+        self._running_batches += 1
         try:
-            results: list[Inspection | BaseException] = list(self.inspector.inspect_batch(images, flags))
+            return self._process_batch(tasks)
+        finally:
+            self._running_batches -= 1
+
+    def _process_batch(self, tasks: list[_Task]) -> list[_Output | BaseException]:
+        try:
+            results: list[Inspection | BaseException]
+            results, tokens = self._inspect(tasks)
         except Exception as exc:
             if len(tasks) == 1:
                 return [exc]
             log.warning("batch failed; retrying its images one by one", extra={"error": repr(exc)})
-            results = []
-            for image, flag in zip(images, flags, strict=True):
+            results, rows = [], []
+            for task in tasks:
                 try:
-                    results.extend(self.inspector.inspect_batch([image], [flag]))
+                    one, one_tokens = self._inspect([task])
+                    results.extend(one)
+                    rows.append(one_tokens[0] if one_tokens is not None else None)
                 except Exception as item_exc:
                     results.append(item_exc)
+                    rows.append(None)
+            tokens = rows
         if len(results) != len(tasks):
             raise RuntimeError(f"inspector returned {len(results)} results for {len(tasks)} images")
-        return [
-            r if isinstance(r, BaseException) else _Output(r, t.image.shape[0], t.image.shape[1])
-            for r, t in zip(results, tasks, strict=True)
-        ]
+        outputs: list[_Output | BaseException] = []
+        for i, (r, t) in enumerate(zip(results, tasks, strict=True)):
+            if isinstance(r, BaseException):
+                outputs.append(r)
+                continue
+            row = tokens[i].clone() if tokens is not None and tokens[i] is not None else None  # own memory
+            if row is not None and t.frame_key is not None and self.frame_cache is not None:
+                self.frame_cache.put(t.frame_key, row)
+            outputs.append(_Output(r, t.image.shape[0], t.image.shape[1], row if t.want_tokens else None))
+        return outputs
+
+    def _inspect(self, tasks: list[_Task]) -> tuple[list[Inspection], Any]:
+        """One inspector call; with a tap and a task that needs them, also the evidence tokens (B, N, D)."""
+        images = [t.image for t in tasks]
+        flags = [t.want_heatmap for t in tasks]
+        if self.tap is None or not any(t.frame_key is not None or t.want_tokens for t in tasks):
+            return list(self.inspector.inspect_batch(images, flags)), None
+        with self.tap.capture() as outputs:
+            results = list(self.inspector.inspect_batch(images, flags))
+        return results, self.tap.tokens(outputs)
 
     def info(self) -> dict:
         """The inspector's info plus the server's batching settings."""

@@ -7,7 +7,10 @@ Shutdown order (SIGTERM, SIGINT or `RunningServer.stop`):
    streams), queued ones still run;
 3. the gRPC server stops accepting calls and gives in-flight ones `grace` seconds to finish;
    calls still open after that (e.g. camera streams that never close) are cancelled;
-4. the batcher and its threads stop, then the metrics endpoint.
+4. the batcher and its threads stop, then the language decode thread, then the metrics endpoint.
+
+With a language part (``language``), a DescribeEngine runs its own decode thread; the engine's
+fast batch worker feeds it evidence tokens of stream frames (service/describe.py).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -33,6 +37,10 @@ from lineinspect.service.security import BearerTokenInterceptor, read_tokens, se
 from lineinspect.service.servicer import InspectionServicer
 from lineinspect.v1 import inspection_pb2 as pb
 from lineinspect.v1 import inspection_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from lineinspect.moe_lm.report_model import LanguagePart
+    from lineinspect.service.describe import DescribeConfig, DescribeEngine
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +96,7 @@ class RunningServer:
     metrics: ServiceMetrics
     port: int
     metrics_http: MetricsHttpServer | None = None
+    describer: DescribeEngine | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: bool = False
 
@@ -109,6 +118,10 @@ class RunningServer:
             self.engine.drain()
             await self.server.stop(grace)
             await self.engine.stop(timeout=max(0.0, grace - (time.perf_counter() - t0)) + 1.0)
+            if self.describer is not None:
+                await asyncio.get_running_loop().run_in_executor(None, self.describer.stop)
+            if self.engine.tap is not None:
+                self.engine.tap.close()  # the inspector may outlive this server
         finally:
             if self.metrics_http is not None:
                 self.metrics_http.close()
@@ -120,8 +133,17 @@ class RunningServer:
         await self.server.wait_for_termination()
 
 
-async def start_server(config: ServerConfig, inspector: InspectorLike, warmup: bool = True) -> RunningServer:
-    """Build and start a server for `inspector` on `config.host:config.port` (0 = free port)."""
+async def start_server(
+    config: ServerConfig,
+    inspector: InspectorLike,
+    warmup: bool = True,
+    language: LanguagePart | None = None,
+    describe_config: DescribeConfig | None = None,
+) -> RunningServer:
+    """Build and start a server for `inspector` on `config.host:config.port` (0 = free port).
+
+    `language` (the model directory's language part) turns Describe on; without it Describe
+    answers UNIMPLEMENTED. It needs the real Inspector (its defect model feeds the evidence)."""
     credentials = server_credentials(config)  # fails early on unreadable cert files
     metrics = ServiceMetrics()
     interceptors = []
@@ -133,6 +155,7 @@ async def start_server(config: ServerConfig, inspector: InspectorLike, warmup: b
             )
         )
     engine = InspectionEngine(inspector, config, metrics)
+    describer = _language_engine(engine, inspector, language, describe_config)
     await engine.start(warmup=warmup)
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -140,7 +163,7 @@ async def start_server(config: ServerConfig, inspector: InspectorLike, warmup: b
         ("grpc.so_reuseport", 0),  # a port in use must fail, not be silently shared
     ]
     server = grpc.aio.server(interceptors=interceptors, options=options)
-    servicer = InspectionServicer(engine, metrics, config.stream_window, config.frame_timeout_ms)
+    servicer = InspectionServicer(engine, metrics, config.stream_window, config.frame_timeout_ms, describer)
     pb_grpc.add_InspectionServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -154,14 +177,18 @@ async def start_server(config: ServerConfig, inspector: InspectorLike, warmup: b
             port = server.add_insecure_port(config.address)
     except RuntimeError as exc:
         await engine.stop(timeout=0)
+        if describer is not None:
+            describer.stop()
         raise LineInspectError(f"cannot listen on {config.address} ({exc}); is the port in use?") from exc
     if port == 0:
         await engine.stop(timeout=0)
+        if describer is not None:
+            describer.stop()
         raise LineInspectError(f"cannot listen on {config.address}; is the port in use or the host wrong?")
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    running = RunningServer(config, server, engine, health_servicer, metrics, port)
+    running = RunningServer(config, server, engine, health_servicer, metrics, port, describer=describer)
     if config.metrics_port is not None:
         try:
             running.metrics_http = MetricsHttpServer(metrics, config.host, config.metrics_port)
@@ -174,19 +201,36 @@ async def start_server(config: ServerConfig, inspector: InspectorLike, warmup: b
             "host": config.host, "port": port, "tls": config.tls, "mtls": config.tls_client_ca is not None,
             "auth": config.auth_token_file is not None, "metrics_port": running.metrics_port,
             "min_batch": config.min_batch, "max_batch": config.max_batch, "max_delay_ms": config.max_delay_ms,
-            "queue_size": config.queue_size,
+            "queue_size": config.queue_size, "describe": describer is not None,
         },
     )
     return running
 
 
-async def serve_async(config: ServerConfig, inspector: InspectorLike) -> None:
+def _language_engine(engine: InspectionEngine, inspector: InspectorLike, language: LanguagePart | None,
+                     describe_config: DescribeConfig | None) -> DescribeEngine | None:
+    """The Describe engine wired to the fast path (evidence tap, frame cache, priority), or None."""
+    if language is None:
+        return None
+    from lineinspect.service.describe import DescribeEngine, EvidenceTap
+
+    model = getattr(inspector, "model", None)
+    if model is None:
+        raise LineInspectError("Describe needs the real Inspector (its defect model feeds the language path)")
+    device = getattr(inspector, "device", "cpu")
+    describer = DescribeEngine(language, describe_config, device=device, fast_busy=engine.fast_busy)
+    engine.attach_language(EvidenceTap(model, language.model.config.evidence), describer.frame_cache)
+    describer.start()
+    return describer
+
+
+async def serve_async(config: ServerConfig, inspector: InspectorLike, language: LanguagePart | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or the server ends), then shut down gracefully."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    running = await start_server(config, inspector)
+    running = await start_server(config, inspector, language=language)
     # Shielded: cancelling a wait_for_termination() would cancel grpc's own shutdown future.
     waiter = asyncio.ensure_future(asyncio.shield(running.wait()))
     stopper = asyncio.create_task(stop.wait())
@@ -210,4 +254,12 @@ def serve(config: ServerConfig, inspector: InspectorLike | None = None) -> None:
         if config.model_dir is None:
             raise LineInspectError("serve: no model directory given")
         inspector = load_inspector(config.model_dir, config.device)
-    asyncio.run(serve_async(config, inspector))
+    language = None
+    if config.model_dir is not None and getattr(inspector, "model", None) is not None:
+        from lineinspect.moe_lm.report_model import has_language
+        from lineinspect.service.describe import load_for_serving
+
+        if has_language(config.model_dir):
+            language = load_for_serving(config.model_dir, inspector.model, config.device)
+            log.info("language part loaded", extra={"model_dir": str(config.model_dir)})
+    asyncio.run(serve_async(config, inspector, language))

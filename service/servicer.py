@@ -4,6 +4,10 @@ Errors map to statuses once, here (`classify`): bad images -> INVALID_ARGUMENT, 
 -> RESOURCE_EXHAUSTED, a passed deadline -> DEADLINE_EXCEEDED, draining -> UNAVAILABLE, any
 other failure -> INTERNAL (logged with its traceback). On streams the same facts become a
 per-frame Drop (InspectStream) or a per-item Error (Audit), and the stream goes on.
+
+Describe streams a TextChunk per generated token (service/describe.py batches the requests);
+a FrameRef to a frame not in the cache is NOT_FOUND, and a server without a language part
+answers UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -12,12 +16,13 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
 from lineinspect.errors import LineInspectError
 from lineinspect.service.batcher import DeadlineExpired, Overloaded, Priority, ShuttingDown
+from lineinspect.service.describe import FrameNotCached
 from lineinspect.service.engine import (
     EncodedImage,
     EngineResult,
@@ -31,6 +36,9 @@ from lineinspect.service.metrics import ServiceMetrics
 from lineinspect.v1 import inspection_pb2 as pb
 from lineinspect.v1 import inspection_pb2_grpc as pb_grpc
 
+if TYPE_CHECKING:
+    from lineinspect.service.describe import DescribeEngine
+
 log = logging.getLogger(__name__)
 
 In = TypeVar("In")
@@ -38,8 +46,9 @@ Out = TypeVar("Out")
 
 Drop = pb.Drop
 DESCRIBE_UNIMPLEMENTED = (
-    "Describe: the language path (inspection reports and questions) is not served by this "
-    "server version yet; use Inspect or InspectStream for defect verdicts"
+    "Describe: the language path (inspection reports and questions) is not served: the model "
+    "directory has no language/ part. Train it with `lineinspect train --data DATA --out MODEL_DIR "
+    "--stages 1,2,3` and restart the server; Inspect and InspectStream work without it"
 )
 
 # ------------------------------------------------------------------------------ conversions
@@ -115,9 +124,11 @@ def classify(exc: BaseException, where: str) -> tuple[grpc.StatusCode, int, str]
 
 class InspectionServicer(pb_grpc.InspectionServiceServicer):
     def __init__(
-        self, engine: InspectionEngine, metrics: ServiceMetrics, stream_window: int, frame_timeout_ms: float
+        self, engine: InspectionEngine, metrics: ServiceMetrics, stream_window: int, frame_timeout_ms: float,
+        describer: DescribeEngine | None = None,
     ) -> None:
         self.engine = engine
+        self.describer = describer
         self.metrics = metrics
         self.stream_window = stream_window
         self.frame_timeout_s = frame_timeout_ms / 1000 if frame_timeout_ms > 0 else None
@@ -169,6 +180,7 @@ class InspectionServicer(pb_grpc.InspectionServiceServicer):
                 timeout_s=self.frame_timeout_s,
                 received=received,
                 name=f"camera {frame.camera_id!r} frame {frame.frame_id}",
+                frame_key=(frame.camera_id, frame.frame_id) if self.describer is not None else None,
             )
         except Exception as exc:
             code, reason, message = classify(exc, "InspectStream")
@@ -218,9 +230,55 @@ class InspectionServicer(pb_grpc.InspectionServiceServicer):
         finally:
             self.metrics.inflight_streams.labels("Audit").dec()
 
-    async def Describe(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext) -> None:
-        self._record("Describe", grpc.StatusCode.UNIMPLEMENTED, DESCRIBE_UNIMPLEMENTED)
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, DESCRIBE_UNIMPLEMENTED)
+    async def Describe(
+        self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.TextChunk]:
+        if self.describer is None:
+            self._record("Describe", grpc.StatusCode.UNIMPLEMENTED, DESCRIBE_UNIMPLEMENTED)
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, DESCRIBE_UNIMPLEMENTED)
+        describer = self.describer
+        try:
+            describer.check(request.question, request.max_tokens, request.temperature)
+            evidence = await self._evidence(request, context)
+            chunks = describer.describe(evidence, request.question, request.max_tokens, request.temperature)
+            try:
+                async for chunk in chunks:
+                    yield pb.TextChunk(text=chunk.text, done=chunk.done, tokens=chunk.tokens,
+                                       finish_reason=chunk.finish_reason)
+            finally:
+                await chunks.aclose()  # a cancelled call frees its decoding slot at once
+        except FrameNotCached as exc:
+            self._record("Describe", grpc.StatusCode.NOT_FOUND, str(exc))
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except Exception as exc:
+            code, _, message = classify(exc, "Describe")
+            self._record("Describe", code, message)
+            await context.abort(code, message)
+        self.metrics.record("Describe", "OK")
+
+    async def _evidence(self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext):
+        """The request's evidence tokens (N, D): from the frame cache, or by running the image
+        through the fast path's batcher in the LOW lane (FAST work goes first)."""
+        assert self.describer is not None
+        source = request.WhichOneof("source")
+        if source == "frame":
+            key = (request.frame.camera_id, request.frame.frame_id)
+            tokens = self.describer.frame_cache.get(key)
+            if tokens is None:
+                raise FrameNotCached(
+                    f"frame: camera {key[0]!r} frame {key[1]} is not in the server's frame cache (it keeps "
+                    f"the most recent stream frames, {len(self.describer.frame_cache)} now); send the image instead"
+                )
+            return tokens
+        if source != "image":
+            raise InvalidImage("source: no image given; set image (encoded or raw) or frame (camera_id, frame_id)")
+        result = await self.engine.inspect(
+            image_from_proto(request.image), priority=Priority.LOW, timeout_s=context.time_remaining(),
+            name="describe image", want_tokens=True,
+        )
+        if result.tokens is None:
+            raise RuntimeError("the fast path returned no evidence tokens for a Describe image")
+        return result.tokens
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext

@@ -48,7 +48,7 @@ def load_cache(samples: list[Sample], size: int, class_names: list[str], desc: s
     has_mask = np.zeros(n, bool)
     classes = np.full(n, -1, np.int64)
     index = {c: i for i, c in enumerate(class_names)}
-    for i, s in enumerate(tqdm(samples, desc=desc, unit="img", leave=False)):
+    for i, s in enumerate(tqdm(samples, desc=desc, unit="img", leave=False, disable=None)):
         image = s.load_image()
         images[i] = resize_rgb(image, size)
         mask = s.load_mask(image.shape[:2])

@@ -28,7 +28,7 @@ def evaluate(inspector: Inspector, dataset: Dataset, batch_size: int = 16, laten
     use_boxes = dataset.layout == "voc"
     per_type: dict[str, list] = defaultdict(list)  # type -> [(score, map, mask)]
     goods: list = []
-    for start in tqdm(range(0, len(samples), batch_size), desc="evaluating", unit="batch", leave=False):
+    for start in tqdm(range(0, len(samples), batch_size), desc="evaluating", unit="batch", leave=False, disable=None):
         chunk = samples[start : start + batch_size]
         images = [s.load_image() for s in chunk]
         results = inspector.inspect_batch(images, heatmaps=True)

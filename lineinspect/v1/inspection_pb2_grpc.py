@@ -29,7 +29,7 @@ if _version_not_supported:
 
 class InspectionServiceStub:
     """Defect inspection of line images: fast verdicts (unary, camera streams, batch audits),
-    and, later, natural-language reports.
+    and natural-language reports.
     """
 
     def __init__(self, channel):
@@ -67,7 +67,7 @@ class InspectionServiceStub:
 
 class InspectionServiceServicer:
     """Defect inspection of line images: fast verdicts (unary, camera streams, batch audits),
-    and, later, natural-language reports.
+    and natural-language reports.
     """
 
     def Inspect(self, request, context):
@@ -106,7 +106,10 @@ class InspectionServiceServicer:
 
     def Describe(self, request, context):
         """Natural-language inspection report or answer to a question about an image, streamed as
-        it is generated. Not served yet: returns UNIMPLEMENTED until the language path lands.
+        it is generated (one TextChunk per token). Errors: UNIMPLEMENTED when the served model has
+        no language part; NOT_FOUND for a FrameRef no longer in the server's frame cache;
+        INVALID_ARGUMENT for a bad image, question, max_tokens or temperature; RESOURCE_EXHAUSTED
+        when too many Describe requests wait.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -157,7 +160,7 @@ def add_InspectionServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class InspectionService:
     """Defect inspection of line images: fast verdicts (unary, camera streams, batch audits),
-    and, later, natural-language reports.
+    and natural-language reports.
     """
 
     @staticmethod

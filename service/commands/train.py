@@ -1,4 +1,5 @@
-"""`lineinspect train`: train a defect model from scratch (or from a local pretrained encoder)."""
+"""`lineinspect train`: train a defect model from scratch (or from a local pretrained encoder), and,
+with --stages, the language part's three stages after it."""
 
 from __future__ import annotations
 
@@ -29,17 +30,53 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrained-act", choices=("gelu", "quick_gelu"), default=None,
                    help="activation of the --pretrained weights when the file cannot tell (LAION CLIP: gelu)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--stages", default="defect", type=parse_stages,
+                   help='what to train: "defect" (default), "1,2,3" (the language stages, on the defect model '
+                   'already in --out) or "defect,1,2,3"')
+    p.add_argument("--language-preset", default="tiny", choices=("tiny", "l14"),
+                   help="decoder + resampler size for the language stages (tiny for CPUs)")
+    p.add_argument("--language-time-budget", type=float, default=None, metavar="SECONDS",
+                   help="wall-clock budget for the language stages together")
+    p.add_argument("--captions", type=Path, default=None,
+                   help='JSON lines {"image": path, "text": caption} added to the language training data')
     p.set_defaults(func=run)
+
+
+def parse_stages(value: str) -> tuple[str, ...]:
+    """ "defect,1,2,3" -> ("defect", "1", "2", "3"); the order of training is fixed."""
+    parts = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in parts if v not in ("defect", "1", "2", "3")]
+    if bad or not parts:
+        raise argparse.ArgumentTypeError(f"{value!r}: use a comma list of defect, 1, 2, 3 (e.g. defect,1,2,3)")
+    return tuple(sorted(set(parts), key=("defect", "1", "2", "3").index))
 
 
 def run(args: argparse.Namespace) -> int:
     from lineinspect.training.datasets import open_dataset
+
+    language = [int(s) for s in args.stages if s != "defect"]
+    if "defect" in args.stages:
+        if args.out.exists() and any(args.out.iterdir()) and not args.resume:
+            raise LineInspectError(f"{args.out}: exists and is not empty; pass --resume to continue its training "
+                                   "or choose a new --out")
+    elif not (args.out / "config.json").is_file():
+        raise LineInspectError(f"{args.out}: no defect model here (config.json); the language stages read it, "
+                               "so train it first (--stages defect,1,2,3)")
+    dataset = open_dataset(args.data)
+    if "defect" in args.stages:
+        train_defect(args, dataset)
+    if language:
+        from lineinspect.training.train_language import LanguageTrainConfig, train_language
+
+        config = LanguageTrainConfig(preset=args.language_preset, device=args.device, seed=args.seed,
+                                     time_budget=args.language_time_budget)
+        train_language(args.out, dataset, config, args.captions, language, resume=args.resume)
+    return 0
+
+
+def train_defect(args: argparse.Namespace, dataset) -> None:
     from lineinspect.training.train_defect import TrainConfig, Trainer
 
-    if args.out.exists() and any(args.out.iterdir()) and not args.resume:
-        raise LineInspectError(f"{args.out}: exists and is not empty; pass --resume to continue its training "
-                               "or choose a new --out")
-    dataset = open_dataset(args.data)
     config = TrainConfig(
         preset=args.preset, img_size=args.img_size, device=args.device, seed=args.seed,
         time_budget=args.time_budget, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
@@ -47,4 +84,3 @@ def run(args: argparse.Namespace) -> int:
         pretrained=str(args.pretrained) if args.pretrained else None, pretrained_act=args.pretrained_act,
     )
     Trainer(config, dataset, args.out, resume=args.resume).run()
-    return 0

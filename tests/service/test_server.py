@@ -254,13 +254,15 @@ def test_client_cancelling_mid_stream_frees_its_work(server_factory, connect, ti
 
 def test_work_whose_deadline_passed_never_reaches_the_model(server_factory, connect, tiny_inspector,
                                                             media) -> None:
-    slow = SlowInspector(tiny_inspector, delay_s=0.4)
-    running = server_factory(inspector=slow, max_batch=1, min_batch=1, max_delay_ms=0, frame_timeout_ms=150)
+    # Generous margins: the first stream frame must reach the idle worker within frame_timeout_ms
+    # even on a slow shared CI machine, while the frames behind it wait a whole delay_s.
+    slow = SlowInspector(tiny_inspector, delay_s=1.0)
+    running = server_factory(inspector=slow, max_batch=1, min_batch=1, max_delay_ms=0, frame_timeout_ms=500)
     stub = connect.stub(running.port)
     busy = stub.Inspect.future(pb.InspectRequest(image=media.image()), timeout=30)  # holds the worker
-    time.sleep(0.1)
+    time.sleep(0.2)
     with pytest.raises(grpc.RpcError) as err:
-        stub.Inspect(pb.InspectRequest(image=media.image(seed=1)), timeout=0.15)
+        stub.Inspect(pb.InspectRequest(image=media.image(seed=1)), timeout=0.3)
     assert err.value.code() == Code.DEADLINE_EXCEEDED
     assert busy.result().verdict.image_width == 64
     assert slow.inspected == 1  # the late request was dropped from the queue, not run
