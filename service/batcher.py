@@ -16,9 +16,12 @@ Policy
   model call, `ceil(arrival_rate * batch_time)`, clamped to [min_batch, max_batch]; both
   rates are moving averages. When the worker is free it takes whatever is queued (up to
   max_batch) at once if that reaches the target; otherwise it waits for more, but never
-  longer than `max_delay_ms` after the oldest queued item arrived. So under light load a
-  lone item waits at most max_delay, and under heavy load batches grow towards max_batch
-  with no added delay (items queue up while the previous batch runs).
+  longer than `max_delay_ms` after the oldest queued item arrived, and only while company
+  is likely: most recent arrivals came within max_delay of the one before (a moving average;
+  with no history yet, company is assumed). So a lone camera, or one client waiting for each
+  reply, is served at once instead of waiting max_delay for items that will not come; bursts
+  and busy traffic wait at most max_delay; and under heavy load batches grow towards
+  max_batch with no added delay (items queue up while the previous batch runs).
 * One worker thread runs `process_batch(items) -> results` once per batch. A result that is an
   exception fails only its own item; `process_batch` raising fails the whole batch.
 * Cancellation. A cancelled `submit` removes its item from the queue (its slot is free at
@@ -119,14 +122,22 @@ class _Ewma:
 
 @dataclass
 class _LoadEstimate:
+    window: float = 0.0  # max_delay, seconds: how soon a next arrival counts as company
     gap: _Ewma = field(default_factory=lambda: _Ewma(0.05))  # seconds between arrivals
     batch_time: _Ewma = field(default_factory=lambda: _Ewma(0.2))  # seconds per model call
+    company: _Ewma = field(default_factory=lambda: _Ewma(0.1))  # share of gaps <= window
     last_arrival: float | None = None
 
     def arrival(self, now: float) -> None:
         if self.last_arrival is not None:
-            self.gap.add(now - self.last_arrival)
+            gap = now - self.last_arrival
+            self.gap.add(gap)
+            self.company.add(1.0 if gap <= self.window else 0.0)
         self.last_arrival = now
+
+    def company_likely(self) -> bool:
+        """Whether a queued item is likely to be joined within `window`; True with no history."""
+        return self.company.value is None or self.company.value >= 0.5
 
     def expected_per_batch(self, now: float) -> float:
         if self.gap.value is None or self.batch_time.value is None or self.last_arrival is None:
@@ -156,7 +167,7 @@ class Batcher(Generic[T, R]):
         self._lanes: dict[Priority, deque[_Request]] = {p: deque() for p in Priority}
         self._waiting: dict[Priority, int] = dict.fromkeys(Priority, 0)  # admitted, not yet taken
         self._space: dict[Priority, list[asyncio.Future]] = {p: [] for p in Priority}
-        self._load = _LoadEstimate()
+        self._load = _LoadEstimate(window=self.config.max_delay_ms / 1000)
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._worker: ThreadPoolExecutor | None = None
@@ -335,10 +346,11 @@ class Batcher(Generic[T, R]):
                     return
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            # Gather: dispatch now if the target is reached, else wait for more up to max_delay.
+            # Gather: dispatch now if the target is reached or no company is likely, else wait
+            # for more up to max_delay.
             while not self._closing and 0 < self._queued() < self.target_batch():
                 remaining = self._oldest() + max_delay - loop.time()
-                if remaining <= 0:
+                if remaining <= 0 or not self._load.company_likely():
                     break
                 self._wakeup.clear()
                 try:

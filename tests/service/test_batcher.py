@@ -218,6 +218,23 @@ def test_lone_item_waits_at_most_max_delay() -> None:
     run(main())
 
 
+def test_sparse_traffic_is_not_held_for_company() -> None:
+    async def main() -> None:
+        model = MeanModel()
+        batcher = await started(model, min_batch=4, max_batch=16, max_delay_ms=200)
+        waits = []
+        for i in range(4):  # one client waiting for each reply: nobody else can arrive
+            t0 = time.perf_counter()
+            await batcher.submit(img(i))
+            waits.append(time.perf_counter() - t0)
+            await asyncio.sleep(0.05)  # the client handles the reply
+        assert waits[0] >= 0.19  # no history yet: held up to max_delay
+        assert max(waits[1:]) < 0.1, waits  # arrivals are max_delay apart: sent at once
+        await batcher.stop()
+
+    run(main())
+
+
 def test_batches_grow_under_load() -> None:
     async def main() -> None:
         model = MeanModel(delay_s=0.03)  # each model call takes 30 ms
