@@ -1,0 +1,551 @@
+"""Every GPU measurement in one run (a few minutes on one H200), streamed to a JSON-lines file.
+
+    python bench/gpu.py [--out FILE]               # H200: ViT-L/14 and the l14 decoder
+    python bench/gpu.py --device cpu --quick       # smoke run on a CPU, tiny sizes, under 2 minutes
+
+In order (cheapest and most important first):
+ 1. ViT encoder alone: fp32 and bf16 eager, bf16 under a CUDA graph, batch 1 and a large batch; the
+    whole DefectModel (encoder + head + heatmap) under a CUDA graph, and with the memory bank.
+ 2. fp8 (e4m3) linear layers (lineinspect.vision.fp8) against bf16: each ViT linear alone, the whole
+    encoder, and the fp8 encoder's patch tokens against the bf16 ones.
+ 3. One MoE feed-forward layer: grouped_mm, padded_bmm, the per-expert Python loop, and a dense
+    SwiGLU with the same active FLOPs; forward, and forward + backward.
+ 4. Report generation with the KV cache (greedy), cross-attending to the encoder's patch tokens
+    through the fusion path (evidence tokens -> resampler -> gated cross-attention).
+
+Each measurement appends one JSON object to --out and flushes it, so a killed run keeps what it
+finished; one that fails records its error and the run goes on. Times: median, p10, p90 and p99
+over repeated calls after warm-up; each call is synchronised and timed with CUDA events on GPUs,
+perf_counter on CPUs. Models carry random weights: speed does not depend on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from lineinspect.moe_lm.config import preset as decoder_preset
+from lineinspect.moe_lm.experts import RoutedExperts, SwiGLU
+from lineinspect.moe_lm.generate import SamplingConfig, generate
+from lineinspect.moe_lm.moe import MoEBlock
+from lineinspect.moe_lm.report_model import EvidenceConfig, ReportModel, evidence_tokens, language_config
+from lineinspect.vision.defect_model import DefectModel, DefectModelConfig
+from lineinspect.vision.encoder import preset as encoder_preset
+from lineinspect.vision.fp8 import Fp8Linear, convert_linears_to_fp8, quantize
+from lineinspect.vision.heads import HeadConfig
+
+T = TypeVar("T")
+BF16 = torch.bfloat16
+Fn = Callable[[torch.Tensor], Any]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The sizes and repetitions of one run."""
+
+    encoder: str  # lineinspect.vision.encoder preset
+    decoder: str  # lineinspect.moe_lm.config preset; also sizes the single MoE layer
+    big_batch: int  # images per batch for throughput
+    moe_tokens: tuple[int, ...]
+    gen_batches: tuple[int, ...]
+    new_tokens: int
+    prompt_len: int
+    memory_bank: int  # patches in the DefectModel's memory bank
+    warmup: int
+    iters: int  # timed calls at most ...
+    budget_s: float  # ... and at least 3, stopping once this many seconds are spent
+
+
+FULL = Plan("l14", "l14", 64, (64, 4096), (1, 32), 64, 16, 2048, warmup=5, iters=50, budget_s=3.0)
+QUICK = Plan("tiny", "tiny", 8, (64, 256), (1, 4), 8, 8, 128, warmup=1, iters=5, budget_s=0.3)
+
+
+# --------------------------------------------------------------------------- recording
+
+
+class Recorder:
+    """Appends one JSON line per measurement (flushed at once) and prints it as a markdown table row."""
+
+    HEADER = ("| measurement | median ms | p10 | p90 | p99 | throughput | TFLOP/s | notes |\n"
+              "|---|---|---|---|---|---|---|---|")
+
+    def __init__(self, path: Path, device: torch.device) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = path.open("a")
+        self.device = device
+        self.run = time.strftime("%Y-%m-%dT%H:%M:%S")
+        print(self.HEADER, flush=True)
+
+    def write(self, entry: dict) -> None:
+        self.file.write(json.dumps({"run": self.run, **entry}) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        print(table_row(entry), flush=True)
+
+    def attempt(self, name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+        """fn(*args, **kwargs), or None after recording its error under `name`."""
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # one failure must not end the run
+            self.write({"name": name, "error": f"{type(exc).__name__}: {exc}"[:600]})
+            return None
+
+    def measure(self, name: str, fn: Callable[..., dict], *args: Any, note: str = "", **kwargs: Any) -> dict | None:
+        """One measurement: fn(*args, **kwargs) returns its fields; write them (or the error) at once."""
+        def run() -> dict:
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            entry = {"name": name, **fn(*args, **kwargs)}
+            if note:
+                entry["note"] = "; ".join(filter(None, (entry.get("note"), note)))
+            if self.device.type == "cuda":
+                entry["peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+            self.write(entry)
+            return entry
+
+        return self.attempt(name, run)
+
+    def skip(self, name: str, why: str) -> None:
+        self.write({"name": name, "skipped": why})
+
+
+def table_row(entry: dict) -> str:
+    def num(key: str, fmt: str = "{:.3g}") -> str:
+        return fmt.format(entry[key]) if entry.get(key) is not None else ""
+
+    rate = ""
+    if entry.get("rate"):
+        rate = f"{entry['rate']:{'.0f' if entry['rate'] >= 100 else '.3g'}} {entry['rate_unit']}"
+    note = entry.get("note", "")
+    if "error" in entry:
+        note = f"ERROR {entry['error'][:200]}"
+    elif "skipped" in entry:
+        note = f"skipped: {entry['skipped']}"
+    cells = [entry["name"], num("median_ms"), num("p10_ms"), num("p90_ms"), num("p99_ms"), rate,
+             num("tflops"), note.replace("|", "/").replace("\n", " ")]
+    return "| " + " | ".join(cells) + " |"
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def time_call(fn: Callable[[], Any], device: torch.device) -> float:
+    """Milliseconds for one call of fn, from an idle device to its last kernel."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def measure(fn: Callable[[], Any], device: torch.device, plan: Plan, iters: int | None = None,
+            budget_s: float | None = None, warmup: int | None = None) -> dict:
+    """Warm up, then time repeated calls: median and p10/p90/p99 in ms, and the number of calls."""
+    for _ in range(plan.warmup if warmup is None else warmup):
+        time_call(fn, device)
+    iters, budget_s = iters or plan.iters, budget_s or plan.budget_s
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < iters and (len(times) < 3 or time.perf_counter() < deadline):
+        times.append(time_call(fn, device))
+    p10, p50, p90, p99 = np.percentile(times, [10, 50, 90, 99])
+    return {"median_ms": p50, "p10_ms": p10, "p90_ms": p90, "p99_ms": p99, "n": len(times)}
+
+
+def first_tensor(out: Any) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def capture(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """A CUDA graph of fn (which reads static input buffers) and its static output.
+
+    Each capture gets a stream of its own, so a capture that fails (fn synchronising with the
+    host, say) leaves nothing behind that a later capture would share.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
+        out = fn()
+    return graph, out
+
+
+def forward_entry(fn: Fn, x: torch.Tensor, device: torch.device, plan: Plan, flops_per_item: float | None,
+                  graph: bool = False, per: str = "img") -> dict:
+    """Time fn(x), eagerly or replayed from a CUDA graph: throughput per image (or token: per="tok")
+    and achieved TFLOP/s. A graph's output is checked against an eager call."""
+    extra = {}
+    call: Callable[[], Any] = lambda: fn(x)  # noqa: E731
+    if graph:
+        cuda_graph, static_out = capture(call)
+        cuda_graph.replay()
+        diff = first_tensor(static_out).float() - first_tensor(fn(x)).float()
+        extra["graph_vs_eager_max_abs"] = float(diff.abs().max())
+        call = cuda_graph.replay
+    stats = measure(call, device, plan)
+    seconds = stats["median_ms"] / 1e3
+    items = x.shape[0] if per == "img" else x.shape[0] * x.shape[1]
+    tflops = flops_per_item * items / seconds / 1e12 if flops_per_item else None
+    return {**stats, "batch": items, "rate": items / seconds, "rate_unit": f"{per}/s", "tflops": tflops, **extra}
+
+
+def flop_entry(fn: Fn, x: torch.Tensor) -> dict:
+    """FLOPs of fn(x) per image: matmuls, convolutions and (on GPUs) attention, by FlopCounterMode."""
+    with FlopCounterMode(display=False) as counter:
+        fn(x)
+    flops = counter.get_total_flops() / x.shape[0]
+    return {"flops": flops, "note": f"{flops / 1e9:.2f} GFLOP per image (FlopCounterMode)"}
+
+
+def count_flops(rec: Recorder, name: str, fn: Fn, x: torch.Tensor) -> float | None:
+    """Record the FLOPs per image of fn(x) under `name` and return them (None if counting failed)."""
+    entry = rec.measure(name, flop_entry, fn, x)
+    return entry["flops"] if entry else None
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- 1. ViT encoder and DefectModel
+
+
+def build_defect_model(plan: Plan, device: torch.device) -> DefectModel:
+    """A randomly initialised DefectModel (fp32), created directly on the device."""
+    config = DefectModelConfig(encoder_preset(plan.encoder), HeadConfig(), memory_bank_size=plan.memory_bank)
+    torch.manual_seed(0)
+    with device:
+        return DefectModel(config).eval()
+
+
+def graph_or_skip(rec: Recorder, name: str, device: torch.device, *args: Any) -> None:
+    """forward_entry(*args, graph=True) under `name` on CUDA; a "needs CUDA" entry elsewhere."""
+    if device.type == "cuda":
+        rec.measure(name, forward_entry, *args, graph=True)
+    else:
+        rec.skip(name, "needs CUDA")
+
+
+def vision_section(rec: Recorder, plan: Plan, device: torch.device, model: DefectModel) -> float | None:
+    """Encoder alone (fp32, bf16, graphs), then the whole DefectModel. Leaves `model` in bf16 and
+    returns the encoder's FLOPs per image (None if counting failed)."""
+    enc, big = model.config.encoder, plan.big_batch
+    tag = f"{enc.preset} {enc.img_size}px"
+    images = {b: torch.rand(b, 3, enc.img_size, enc.img_size, device=device) for b in (1, big)}
+    encoder = model.encoder
+    flops = count_flops(rec, f"FLOPs encoder {tag}", encoder, images[1])
+
+    def encoder_autocast(x: torch.Tensor) -> Any:
+        with torch.autocast(device.type, dtype=BF16):
+            return encoder(x)
+
+    rec.measure(f"encoder {tag} fp32 eager b1", forward_entry, encoder, images[1], device, plan, flops,
+                note="TF32 off (torch default)")
+    rec.measure(f"encoder {tag} bf16 autocast eager b1", forward_entry, encoder_autocast, images[1], device, plan,
+                flops, note="fp32 weights, as the Inspector runs today")
+    model.to(BF16)
+    images = {b: x.to(BF16) for b, x in images.items()}
+    for b in (1, big):
+        rec.measure(f"encoder {tag} bf16 eager b{b}", forward_entry, encoder, images[b], device, plan, flops,
+                    note="bf16 weights")
+        graph_or_skip(rec, f"encoder {tag} bf16 CUDA graph b{b}", device, encoder, images[b], device, plan, flops)
+
+    def full(x: torch.Tensor) -> Any:
+        return model(x, use_memory=False)
+
+    def with_memory(x: torch.Tensor) -> Any:
+        return model(x, use_memory=True)
+
+    full_flops = count_flops(rec, f"FLOPs DefectModel {tag}", full, images[1])
+    for b in (1, big):
+        rec.measure(f"DefectModel {tag} bf16 eager b{b}", forward_entry, full, images[b], device, plan, full_flops)
+        graph_or_skip(rec, f"DefectModel {tag} bf16 CUDA graph b{b}", device, full, images[b], device, plan,
+                      full_flops)
+    descriptors, _ = model.descriptors(images[big])
+    rec.attempt("fit memory bank", model.memory.fit, descriptors.flatten(0, 1))
+    if not bool(model.memory.fitted):
+        return flops
+    memory_flops = count_flops(rec, f"FLOPs DefectModel + memory bank {tag}", with_memory, images[1])
+    for b in (1, big):
+        rec.measure(f"DefectModel + memory bank ({plan.memory_bank}) {tag} bf16 eager b{b}", forward_entry,
+                    with_memory, images[b], device, plan, memory_flops,
+                    note="eager only: forward reads memory.fitted on the host, which a CUDA graph cannot")
+    return flops
+
+
+# --------------------------------------------------------------------------- 2. fp8 linears
+
+
+def fp8_skip_reason(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return "needs CUDA"
+    if not hasattr(torch, "_scaled_mm"):
+        return f"torch {torch.__version__} has no torch._scaled_mm"
+    if torch.cuda.get_device_capability(device) < (9, 0):
+        return f"needs compute capability >= 9.0, got {torch.cuda.get_device_capability(device)}"
+    return None
+
+
+def linear_entry(linear: nn.Linear, tokens: int, device: torch.device, plan: Plan) -> dict:
+    """One ViT linear at `tokens` rows: fp8 including activation quantisation, fp8 GEMM alone, bf16."""
+    x = torch.randn(tokens, linear.in_features, device=device, dtype=BF16)
+    fp8 = Fp8Linear(linear)
+    xq, x_scale = quantize(x)
+
+    def gemm() -> torch.Tensor:
+        return torch._scaled_mm(xq, fp8.weight_fp8.t(), scale_a=x_scale, scale_b=fp8.weight_scale,
+                                bias=linear.bias, out_dtype=BF16)
+
+    flops = 2 * tokens * linear.in_features * linear.out_features
+    bf16_ms = measure(lambda: linear(x), device, plan)["median_ms"]
+    gemm_ms = measure(gemm, device, plan)["median_ms"]
+    stats = measure(lambda: fp8(x), device, plan)
+    return {**stats, "tflops": flops / stats["median_ms"] / 1e9, "bf16_ms": bf16_ms, "fp8_gemm_only_ms": gemm_ms,
+            "note": f"bf16 {bf16_ms:.3f} ms ({flops / bf16_ms / 1e9:.0f} TFLOP/s); fp8 GEMM alone {gemm_ms:.3f} ms "
+                    f"({flops / gemm_ms / 1e9:.0f} TFLOP/s); the rest is activation quantisation"}
+
+
+def fp8_accuracy(bf16_encoder: nn.Module, fp8_encoder: nn.Module, images: torch.Tensor) -> dict:
+    """How far the fp8 encoder's patch tokens are from the bf16 encoder's."""
+    ref, out = bf16_encoder(images).patches.float(), fp8_encoder(images).patches.float()
+    diff = (out - ref).abs()
+    result = {
+        "max_abs": float(diff.max()),
+        "max_rel": float(diff.max() / ref.abs().max()),  # relative to the largest reference value
+        "rel_l2": float((out - ref).norm() / ref.norm()),
+        "min_cosine": float(F.cosine_similarity(out, ref, dim=-1).min()),
+    }
+    note = ", ".join(f"{k} {v:.4g}" for k, v in result.items())
+    return {**result, "note": f"{note} ({images.shape[0]} images, random weights)"}
+
+
+def fp8_section(rec: Recorder, plan: Plan, device: torch.device, model: DefectModel, flops: float | None) -> None:
+    """fp8 against bf16 at the large batch; `model` is the bf16 DefectModel from section 1, `flops`
+    the encoder's FLOPs per image."""
+    enc, big = model.config.encoder, plan.big_batch
+    tag = f"{enc.preset} {enc.img_size}px"
+    block = model.encoder.vit.blocks[0]
+    tokens = big * (enc.grid**2 + 1)
+    linears = {f"fp8 linear {name} {tokens}x{m.in_features}->{m.out_features}": m for name, m in
+               (("qkv", block.attn.qkv), ("proj", block.attn.proj), ("fc1", block.mlp.fc1), ("fc2", block.mlp.fc2))}
+    eager, graph = f"encoder {tag} fp8 eager b{big}", f"encoder {tag} fp8 CUDA graph b{big}"
+    accuracy = f"fp8 vs bf16 encoder patch tokens {tag}"
+    why = fp8_skip_reason(device)
+    if why is not None:
+        for name in [*linears, eager, graph, accuracy]:
+            rec.skip(name, why)
+        return
+    for name, linear in linears.items():
+        rec.measure(name, linear_entry, linear, tokens, device, plan)
+    fp8_encoder = copy.deepcopy(model.encoder)
+    if rec.attempt("convert encoder to fp8", convert_linears_to_fp8, fp8_encoder) is None:
+        return
+    images = model.normalize(torch.rand(big, 3, enc.img_size, enc.img_size, device=device, dtype=BF16))
+    rec.measure(eager, forward_entry, fp8_encoder, images, device, plan, flops)
+    rec.measure(graph, forward_entry, fp8_encoder, images, device, plan, flops, graph=True)
+    rec.measure(accuracy, fp8_accuracy, model.encoder, fp8_encoder, images[:8])
+
+
+# --------------------------------------------------------------------------- 3. MoE feed-forward layer
+
+
+def per_expert_loop(experts: RoutedExperts, x: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+    """RoutedExperts.forward as a plain Python loop over experts: the naive baseline."""
+    outputs = []
+    for e, rows in enumerate(x.split(group_sizes.tolist())):
+        gate, up = (rows @ experts.w_gate_up[e]).chunk(2, dim=-1)
+        outputs.append((F.silu(gate) * up) @ experts.w_down[e])
+    return torch.cat(outputs)
+
+
+def use_experts(experts: RoutedExperts, impl: str) -> None:
+    """Make the experts run `impl`: "grouped_mm", "padded_bmm" or "loop" (per_expert_loop)."""
+    experts.__dict__.pop("forward", None)  # undo an earlier "loop"
+    if impl == "loop":
+        experts.forward = lambda x, group_sizes: per_expert_loop(experts, x, group_sizes)
+    else:
+        experts.impl = impl
+
+
+def forward_only(fn: Fn, x: torch.Tensor, device: torch.device, plan: Plan, flops: float) -> dict:
+    with torch.no_grad():
+        return forward_entry(fn, x, device, plan, flops, per="tok")
+
+
+def forward_backward(module: nn.Module, fn: Fn, x: torch.Tensor, device: torch.device, plan: Plan,
+                     flops: float) -> dict:
+    """Forward and backward (input and weight gradients) of fn on x; backward counted as 2x forward FLOPs."""
+    grad = torch.randn_like(x)
+
+    def step(t: torch.Tensor) -> None:
+        module.zero_grad(set_to_none=True)
+        fn(t.detach().requires_grad_()).backward(grad)
+
+    return forward_entry(step, x, device, plan, 3 * flops, per="tok")
+
+
+def moe_section(rec: Recorder, plan: Plan, device: torch.device) -> None:
+    """One MoE layer of the decoder preset in bf16, each implementation, against a dense SwiGLU."""
+    cfg = decoder_preset(plan.decoder)
+    shared_hidden = cfg.n_shared_experts * (cfg.shared_expert_hidden or cfg.expert_hidden)
+    dense_hidden = cfg.top_k * cfg.expert_hidden + shared_hidden
+    torch.manual_seed(0)
+    with device:
+        block, dense = MoEBlock(cfg).to(BF16), SwiGLU(cfg.width, dense_hidden).to(BF16)
+
+    def moe(x: torch.Tensor) -> torch.Tensor:
+        return block(x)[0]
+
+    # Active forward FLOPs per token: SwiGLU is 3 matmuls of width x hidden (top-k routed + shared), + router.
+    flops = 6 * cfg.width * dense_hidden + 2 * cfg.width * cfg.n_routed_experts
+    shape = (f"{cfg.n_routed_experts} routed experts top-{cfg.top_k} + shared hidden {shared_hidden}, "
+             f"C={cfg.width} H={cfg.expert_hidden}, bf16; dense SwiGLU H={dense_hidden} has the same active FLOPs "
+             f"({flops / 1e6:.1f} MFLOP per token forward, backward counted as 2x)")
+    for n_tokens in plan.moe_tokens:
+        x = torch.randn(1, n_tokens, cfg.width, device=device, dtype=BF16)
+        with torch.no_grad():
+            counts = block(x)[1].counts.float()
+        rec.write({"name": f"MoE layer, {n_tokens} tokens", "note": f"{shape}; random routing: busiest expert "
+                   f"{float(counts.max() / counts.mean()):.2f}x the mean load"})
+        for impl in ("grouped_mm", "padded_bmm", "loop"):
+            use_experts(block.experts, impl)
+            rec.measure(f"MoE {impl} {n_tokens} tok fwd", forward_only, moe, x, device, plan, flops)
+            rec.measure(f"MoE {impl} {n_tokens} tok fwd+bwd", forward_backward, block, moe, x, device, plan, flops)
+        rec.measure(f"dense SwiGLU {n_tokens} tok fwd", forward_only, dense, x, device, plan, flops)
+        rec.measure(f"dense SwiGLU {n_tokens} tok fwd+bwd", forward_backward, dense, dense, x, device, plan, flops)
+
+
+# --------------------------------------------------------------------------- 4. decoder generation
+
+
+def make_evidence(model: DefectModel | None, cfg: EvidenceConfig, batch: int, device: torch.device) -> torch.Tensor:
+    """Evidence tokens (B, N, D_ev) from the DefectModel on random images, or random ones without a model."""
+    if model is None:
+        return torch.randn(batch, cfg.n_tokens, cfg.dim, device=device)
+    size = model.config.encoder.img_size
+    images = torch.rand(batch, 3, size, size, device=device, dtype=next(model.parameters()).dtype)
+    out = model(images, use_memory=False)
+    return evidence_tokens(out.patches, out.anomaly_map, out.image_prob, out.class_logits, cfg, images)
+
+
+def generation_entry(report: ReportModel, evidence: torch.Tensor, prompt_len: int, new_tokens: int,
+                     device: torch.device, plan: Plan, prefill_ms: float | None = None) -> dict:
+    """Greedy generation of `new_tokens` for each evidence row (resampler + prefill + decode steps)."""
+    batch = evidence.shape[0]
+    prompts = torch.randint(3, report.config.decoder.vocab_size, (batch, prompt_len)).tolist()
+    sampling = SamplingConfig(max_new_tokens=new_tokens, eos_id=-1)  # no token is -1: every row runs to the end
+
+    def run() -> None:
+        generate(report.decoder, prompts, sampling, image_tokens=report.image_tokens(evidence))
+
+    stats = measure(run, device, plan, iters=max(2, plan.iters // 10), budget_s=10 * plan.budget_s, warmup=1)
+    entry = {**stats, "batch": batch}
+    if new_tokens > 1:
+        entry.update(rate=batch * new_tokens / stats["median_ms"] * 1e3, rate_unit="tok/s")
+    if prefill_ms is not None and new_tokens > 1:
+        step_ms = (stats["median_ms"] - prefill_ms) / (new_tokens - 1)
+        entry.update(decode_step_ms=step_ms,
+                     note=f"{step_ms:.2f} ms per decode step = {batch / step_ms * 1e3:.0f} tok/s after prefill")
+    return entry
+
+
+def decoder_section(rec: Recorder, plan: Plan, device: torch.device, model: DefectModel | None) -> None:
+    """Greedy generation through the fusion path; image evidence comes from the DefectModel's output
+    (random evidence of the same shape when section 1 could not build the model)."""
+    enc = encoder_preset(plan.encoder)
+    evidence_cfg = EvidenceConfig(patch_dim=enc.embed_dim, grid=enc.grid)
+    config = language_config(plan.decoder, decoder_preset(plan.decoder).vocab_size, evidence_cfg)
+    torch.manual_seed(0)
+    with device:
+        report = ReportModel(config).to(BF16).eval()
+    dec = config.decoder
+    source = f"{enc.preset} patch tokens + heatmap" if model is not None else "random evidence (no DefectModel)"
+    params = sum(p.numel() for p in report.parameters())
+    rec.write({"name": "report model", "note": (
+        f"{source} -> resampler ({config.resampler.n_latents} tokens) -> gated cross-attn every "
+        f"{dec.cross_attn_every} blocks; decoder {dec.preset}: C={dec.width}, depth {dec.depth}, "
+        f"{dec.n_routed_experts} experts top-{dec.top_k}, {params / 1e6:.0f}M params, bf16 weights; greedy with "
+        f"the KV cache, prompt {plan.prompt_len} tokens; times include the resampler")})
+    for batch in plan.gen_batches:
+        evidence = rec.attempt(f"evidence tokens b{batch}", make_evidence, model, evidence_cfg, batch, device)
+        if evidence is None:
+            continue
+        prefill = rec.measure(f"report prefill + 1 token b{batch}", generation_entry, report, evidence,
+                              plan.prompt_len, 1, device, plan)
+        rec.measure(f"report generate {plan.new_tokens} tokens b{batch}", generation_entry, report, evidence,
+                    plan.prompt_len, plan.new_tokens, device, plan, prefill and prefill["median_ms"])
+
+
+# --------------------------------------------------------------------------- main
+
+
+def environment(device: torch.device, quick: bool) -> dict:
+    info = {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
+            "device": str(device), "quick": quick, "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info.update(gpu=torch.cuda.get_device_name(device), capability=list(torch.cuda.get_device_capability(device)),
+                    cuda=torch.version.cuda)
+    return {"name": "environment", **info, "note": ", ".join(f"{k} {v}" for k, v in info.items())}
+
+
+def default_out() -> Path:
+    return Path(os.environ["OUT"]) / "gpu_results.jsonl" if os.environ.get("OUT") else Path("bench_gpu.jsonl")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and few repetitions (CPU smoke run)")
+    parser.add_argument("--out", type=Path, default=default_out(), help="JSON-lines file, appended to")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    plan = QUICK if args.quick else FULL
+    rec = Recorder(args.out, device)
+    rec.write(environment(device, args.quick))
+    started = time.perf_counter()
+
+    with torch.inference_mode():
+        model = rec.attempt("build DefectModel", build_defect_model, plan, device)
+        if model is not None:
+            flops = rec.attempt("section 1: encoder", vision_section, rec, plan, device, model)
+            rec.attempt("section 2: fp8", fp8_section, rec, plan, device, model, flops)
+    free_memory()
+    rec.attempt("section 3: MoE layer", moe_section, rec, plan, device)
+    free_memory()
+    with torch.inference_mode():
+        rec.attempt("section 4: generation", decoder_section, rec, plan, device, model)
+    rec.write({"name": "total wall time", "note": f"{time.perf_counter() - started:.0f} s; results in {args.out}"})
+
+
+if __name__ == "__main__":
+    main()
