@@ -25,8 +25,9 @@ from lineinspect.training.evaluate import evaluate
 from lineinspect.training.train_defect import TrainConfig, Trainer
 from lineinspect.vision.model_io import load_inspector
 fields = json.loads(sys.argv[3])
-for k in ("paste_types",):
-    if k in fields: fields[k] = tuple(fields[k].split("+"))
+for k in ("paste_types", "stem_channels"):
+    if k in fields: fields[k] = tuple(v for v in str(fields[k]).split("+") if v and v != "none")
+if "stem_channels" in fields: fields["stem_channels"] = tuple(map(int, fields["stem_channels"]))
 cfg = TrainConfig(**fields)
 out = Trainer(cfg, open_dataset(sys.argv[1]), sys.argv[5]).run()
 summary = evaluate(load_inspector(out, cfg.device), open_dataset(sys.argv[2]), latency_samples=10)

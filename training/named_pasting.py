@@ -1,8 +1,9 @@
-"""Optional: paste the generator's named defect types onto training images.
+"""Paste the generator's named defect kinds (scratch, crack, ...) onto a line's good images.
 
-The default training uses only generic synthetic defects. When a line already knows some of
-its defect kinds (`--paste-types scratch,stain`), rendering those as well sharpens the model on
-them; evaluating on the *other* types then measures generalisation to unseen defects.
+Besides the generic synthetic defects, training renders these realistic kinds on the line's own
+surfaces (`--paste-types`, all by default). Leaving some kinds out of the pasting and testing on
+them measures generalisation to defects nobody predicted. Each pasted image's kind is returned
+too, for objectives that want to name it.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from lineinspect.errors import LineInspectError
 
 
 def paste_named_defects(images: torch.Tensor, masks: torch.Tensor, has: torch.Tensor, kinds: tuple[str, ...],
-                        g: torch.Generator, share: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        g: torch.Generator, share: float = 0.5
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Replace a `share` of the defect-free images in the batch by ones with a named defect.
 
-    images (B,3,S,S) in [0,1]; masks (B,1,S,S); has (B,) bool. Returns the updated triple.
+    images (B,3,S,S) in [0,1]; masks (B,1,S,S); has (B,) bool. Returns the updated triple and
+    each image's kind as an index into `kinds` (B,) long, -1 where nothing named was pasted.
     """
     from lineinspect.training.synth import DEFECT_TYPES, render_defect
 
@@ -27,13 +30,16 @@ def paste_named_defects(images: torch.Tensor, masks: torch.Tensor, has: torch.Te
     free = torch.nonzero(~has).flatten().tolist()
     rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=g)))
     images, masks, has = images.clone(), masks.clone(), has.clone()
+    kind_index = torch.full((len(images),), -1, dtype=torch.long)
     for i in free:
         if rng.random() >= share:
             continue
-        kind = kinds[int(rng.integers(len(kinds)))]
+        k = int(rng.integers(len(kinds)))
+        kind = kinds[k]
         img = (images[i].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
         out, mask = render_defect(img, kind, rng)
         images[i] = torch.from_numpy(out).permute(2, 0, 1).to(images) / 255
         masks[i, 0] = torch.from_numpy(mask).to(masks)
         has[i] = bool(mask.any())
-    return images, masks, has
+        kind_index[i] = k if has[i] else -1
+    return images, masks, has, kind_index.to(images.device)

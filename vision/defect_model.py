@@ -34,6 +34,7 @@ class DefectOutput(NamedTuple):
     map_score: torch.Tensor  # (B,) peak of the smoothed map
     image_prob: torch.Tensor  # (B,) image-level defect probability
     memory_map: torch.Tensor | None  # (B, 1, S, S) nearest-neighbour distance, when the bank is fitted
+    novelty_score: torch.Tensor | None  # (B,) peak self-similarity novelty, when the head computes it
     class_logits: torch.Tensor | None  # (B, K)
     cls: torch.Tensor  # (B, C) encoder class token (for the language path)
     patches: torch.Tensor  # (B, N, C) encoder patch tokens (for the language path)
@@ -82,11 +83,15 @@ class DefectModel(nn.Module):
         if use_memory and bool(self.memory.fitted):
             dist = self.memory(patch_descriptors(enc.features), enc.grid)
             memory_map = F.interpolate(dist, size=images.shape[-2:], mode="bilinear")
+        novelty_score = None
+        if head.novelty is not None:
+            novelty_score = F.avg_pool2d(head.novelty.float(), 3, 1, 1, count_include_pad=False).flatten(1).amax(1)
         return DefectOutput(
             anomaly_map=prob,
             map_score=smooth.flatten(1).max(1).values,
             image_prob=torch.sigmoid(head.image_logit.float()),
             memory_map=memory_map,
+            novelty_score=novelty_score,
             class_logits=head.class_logits,
             cls=cls_token,
             patches=enc.patches,

@@ -15,11 +15,11 @@ import torch
 
 from lineinspect import __version__
 from lineinspect.vision.defect_model import DefectModel, DefectOutput
-from lineinspect.vision.postprocess import boxes_from_map, upsample_map
+from lineinspect.vision.postprocess import boxes_from_map, scale_boxes, upsample_map
 from lineinspect.vision.preprocess import to_batch
-from lineinspect.vision.result import Inspection
+from lineinspect.vision.result import Box, Inspection
 
-SCORE_SOURCES = ("image", "map", "head", "memory", "fused")
+SCORE_SOURCES = ("image", "map", "head", "memory", "novelty", "fused")
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,10 @@ class Calibration:
     pixel_threshold: float = 0.5  # anomaly map >= this -> defect region (boxes)
     memory_mean: float = 0.0  # good-image statistics of the memory bank's peak distance
     memory_std: float = 1.0
+    novelty_mean: float = 1.0  # good-image statistics of the peak self-similarity novelty
+    novelty_std: float = 1.0
     min_box_area: float = 0.0005  # fraction of the image; smaller regions are not boxed
+    seed_fraction: float = 0.45  # defect cores: pixel threshold + this share of the way to 1
     class_names: tuple[str, ...] = ()
     notes: dict = field(default_factory=dict)  # validation figures behind the choice
 
@@ -37,6 +40,11 @@ class Calibration:
         d = asdict(self)
         d["class_names"] = list(self.class_names)
         return d
+
+    @property
+    def seed_threshold(self) -> float:
+        """Map level of a defect's core: regions holding several cores get a box per core."""
+        return self.pixel_threshold + self.seed_fraction * (1.0 - self.pixel_threshold)
 
     @classmethod
     def from_dict(cls, data: dict) -> Calibration:
@@ -49,11 +57,16 @@ def image_scores(out: DefectOutput, cal: Calibration) -> dict[str, torch.Tensor]
     """Every candidate image score (B,) for this output; all in [0, 1]."""
     head = 0.5 * (out.map_score + out.image_prob)
     scores = {"image": out.image_prob, "map": out.map_score, "head": head}
+    # Unbounded peaks become probabilities by their good-image statistics: 2 sigma above the
+    # good images' mean is even odds.
     if out.memory_map is not None:
         peak = out.memory_map.flatten(1).amax(1)
-        memory = torch.sigmoid((peak - cal.memory_mean) / max(cal.memory_std, 1e-6) - 2.0)
-        scores["memory"] = memory
-        scores["fused"] = 0.5 * (head + memory)
+        scores["memory"] = torch.sigmoid((peak - cal.memory_mean) / max(cal.memory_std, 1e-6) - 2.0)
+    if out.novelty_score is not None:
+        scores["novelty"] = torch.sigmoid((out.novelty_score - cal.novelty_mean) / max(cal.novelty_std, 1e-6) - 2.0)
+    extra = [scores[k] for k in ("memory", "novelty") if k in scores]
+    if extra:
+        scores["fused"] = (head + sum(extra)) / (1 + len(extra))
     return scores
 
 
@@ -88,6 +101,14 @@ class Inspector:
             "params": sum(p.numel() for p in self.model.parameters()),
         }
 
+    def boxes(self, small_map: np.ndarray, label: str, width: int, height: int) -> list[Box]:
+        """Boxes found on the model-resolution map, in input pixels (cheaper than at full size)."""
+        cal = self.calibration
+        size = small_map.shape[0]
+        found = boxes_from_map(small_map, cal.pixel_threshold, min_area=max(4, int(cal.min_box_area * size * size)),
+                               label=label, seed_threshold=cal.seed_threshold)
+        return scale_boxes(found, width / small_map.shape[1], height / size, width, height)
+
     @torch.inference_mode()
     def run_model(self, batch: torch.Tensor) -> DefectOutput:
         """batch (B,3,S,S) float [0,1] on the device -> raw model output."""
@@ -119,9 +140,8 @@ class Inspector:
             if probs is not None:
                 k = int(probs[i].argmax())
                 cls_name, cls_prob = cal.class_names[k], float(probs[i, k])
-            heat = upsample_map(maps[i], h, w) if (want[i] or is_defect) else None
-            boxes = (boxes_from_map(heat, cal.pixel_threshold, min_area=max(4, int(cal.min_box_area * h * w)),
-                                    label=cls_name) if is_defect else [])
+            heat = upsample_map(maps[i], h, w) if want[i] else None
+            boxes = self.boxes(maps[i], cls_name, w, h) if is_defect else []
             results.append(Inspection(
                 score=float(score[i]), is_defect=is_defect, threshold=cal.threshold,
                 defect_class=cls_name if is_defect else "", class_prob=cls_prob if is_defect else 0.0,

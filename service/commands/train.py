@@ -22,7 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--img-size", type=int, default=None, help="input size override (multiple of the patch)")
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--paste-types", default="", help="comma list of named synthetic defect types to paste too")
+    p.add_argument("--paste-types", default="all", type=parse_paste_types,
+                   help="named synthetic defect renderings pasted on good images besides the generic ones: "
+                   "all (default), none, or a comma list of scratch, crack, hole, stain, missing, dent, contamination")
+    p.add_argument("--ssl-fraction", type=float, default=None,
+                   help="share of the training for masked patch reconstruction (default per preset)")
     p.add_argument("--target-frr", type=float, default=None,
                    help="pick the threshold for this false-reject rate on good validation images (e.g. 0.01)")
     p.add_argument("--pretrained", type=Path, default=None,
@@ -40,6 +44,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--captions", type=Path, default=None,
                    help='JSON lines {"image": path, "text": caption} added to the language training data')
     p.set_defaults(func=run)
+
+
+def parse_paste_types(value: str) -> tuple[str, ...]:
+    from lineinspect.training.defects import DEFECT_TYPES
+
+    if value == "all":
+        return DEFECT_TYPES
+    kinds = tuple(v.strip() for v in value.split(",") if v.strip() and v.strip() != "none")
+    unknown = [k for k in kinds if k not in DEFECT_TYPES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown defect type(s) {unknown}; use all, none or a comma list of "
+                                         f"{', '.join(DEFECT_TYPES)}")
+    return kinds
 
 
 def parse_stages(value: str) -> tuple[str, ...]:
@@ -80,7 +97,7 @@ def train_defect(args: argparse.Namespace, dataset) -> None:
     config = TrainConfig(
         preset=args.preset, img_size=args.img_size, device=args.device, seed=args.seed,
         time_budget=args.time_budget, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        paste_types=tuple(t for t in args.paste_types.split(",") if t), target_frr=args.target_frr,
+        paste_types=args.paste_types, ssl_fraction=args.ssl_fraction, target_frr=args.target_frr,
         pretrained=str(args.pretrained) if args.pretrained else None, pretrained_act=args.pretrained_act,
     )
     Trainer(config, dataset, args.out, resume=args.resume).run()

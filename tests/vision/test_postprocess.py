@@ -9,6 +9,7 @@ from lineinspect.vision.postprocess import (
     box_iou,
     boxes_from_map,
     merge_overlapping,
+    scale_boxes,
     smooth_map,
     upsample_map,
 )
@@ -89,3 +90,33 @@ def test_merge_overlapping() -> None:
     assert merged == [Box(0, 0, 10, 12, 0.9, "scratch"), c, d]
     assert merge_overlapping([a, b], iou=0.7) == [a, b]  # 2/3 < 0.7
     assert merge_overlapping([]) == []
+
+
+def test_touching_defects_split_at_their_cores() -> None:
+    m = np.zeros((40, 60), np.float32)
+    m[5:15, 5:30] = 0.6  # one region at the pixel threshold ...
+    m[8:12, 8:12] = 0.9  # ... holding two separate cores
+    m[8:12, 22:26] = 0.95
+    m[30:35, 40:50] = 0.55  # a region with no core keeps one box
+    plain = boxes_from_map(m, 0.5, min_area=4)
+    assert [(b.x0, b.x1) for b in plain] == [(5, 30), (40, 50)]
+    split = boxes_from_map(m, 0.5, min_area=4, seed_threshold=0.8)
+    assert [(b.x0, b.y0, b.x1, b.y1, b.score) for b in split] == [
+        (17, 5, 30, 15, pytest.approx(0.95)), (5, 5, 17, 15, pytest.approx(0.9)), (40, 30, 50, 35, pytest.approx(0.55)),
+    ]
+    # Every pixel of the region is boxed exactly once: the two halves tile it.
+    assert sum((b.x1 - b.x0) * (b.y1 - b.y0) for b in split[:2]) == 25 * 10
+
+
+def test_a_core_never_claims_pixels_of_another_region() -> None:
+    m = np.zeros((20, 40), np.float32)
+    m[5:10, 2:10] = 0.9  # a region with a core
+    m[5:10, 14:20] = 0.6  # a separate region without one, nearer to that core than to anything else
+    boxes = boxes_from_map(m, 0.5, min_area=4, seed_threshold=0.8)
+    assert sorted((b.x0, b.x1) for b in boxes) == [(2, 10), (14, 20)]
+
+
+def test_scale_boxes_to_input_pixels_stays_inside() -> None:
+    boxes = [Box(0, 10, 64, 20, score=0.9, label="hole")]
+    (b,) = scale_boxes(boxes, 640 / 64, 480 / 64, 640, 480)
+    assert (b.x0, b.y0, b.x1, b.y1, b.label) == (0, 75, 640, 150, "hole")
