@@ -549,7 +549,7 @@ def run_audit(config: AuditConfig, inspector=None, on_result: Record | None = No
 
     lock = threading.Lock()
     bar = tqdm(total=len(items), initial=len(items) - len(pending), desc="audit", unit="img",
-               file=sys.stderr, disable=not config.progress, dynamic_ncols=True)
+               file=sys.stderr, disable=None if config.progress else True, dynamic_ncols=True)  # no bar off a terminal
 
     def record(row: dict) -> None:
         with lock:

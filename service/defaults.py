@@ -12,8 +12,8 @@ from pathlib import Path
 from lineinspect.vision.model_io import CONFIG
 
 DEFAULT_SURFACE = "metal"
-DEFAULT_TRAIN_IMAGES = 160
-DEFAULT_TIME_BUDGET_S = 150.0
+DEFAULT_TRAIN_IMAGES = 200
+DEFAULT_TIME_BUDGET_S = 180.0
 
 
 def home() -> Path:

@@ -104,6 +104,7 @@ def run_demo(
     `time_budget` (seconds) bounds training of the default model when it is not cached yet
     (None: the default budget); `fps` paces the synthetic camera."""
     from lineinspect.service import defaults
+    from lineinspect.service.audit import STATE_FILE as AUDIT_STATE_FILE
     from lineinspect.service.audit import AuditConfig, run_audit
     from lineinspect.service.config import ServerConfig
     from lineinspect.service.server import start_server
@@ -119,6 +120,10 @@ def run_demo(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise LineInspectError(f"--out {out}: exists and is not a folder; pass another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / AUDIT_STATE_FILE).is_file():
+            raise LineInspectError(f"--out {out}: not empty and not an earlier lineinspect report; pass another --out")
+        shutil.rmtree(out)  # the demo redoes its report every run (the cached model may have changed)
     t_start = time.monotonic()
 
     # 1. Model.

@@ -3,10 +3,12 @@ real stream client, real audit."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
+from lineinspect.errors import LineInspectError
 from lineinspect.service.demo import run_demo
 
 
@@ -27,3 +29,17 @@ def test_demo_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert s["verdicts"] >= 1
     assert result["audit"]["counts"]["error"] == 0
     assert "report:" in text
+    # A second demo after the cached model changed redoes its report instead of refusing to mix models.
+    from lineinspect.service import defaults
+
+    shutil.rmtree(defaults.default_model_dir())
+    again = run_demo(out=tmp_path / "out", frames=4, device="cpu", time_budget=12.0, fps=20.0,
+                     progress=False, echo=lines.append)
+    assert again["audit"]["counts"]["error"] == 0 and (tmp_path / "out" / "report.html").is_file()
+
+
+def test_demo_refuses_to_clear_a_folder_that_is_not_its_report(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(LineInspectError, match="not an earlier lineinspect report"):
+        run_demo(out=tmp_path, frames=1, device="cpu", progress=False, echo=lambda _: None)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
