@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import json
 import os
@@ -525,23 +526,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repetitions (CPU smoke run)")
     parser.add_argument("--out", type=Path, default=default_out(), help="JSON-lines file, appended to")
+    parser.add_argument("--gen-batches", type=int, nargs="+", default=None, metavar="B",
+                        help="batch sizes for the generation section (default: the plan's)")
+    parser.add_argument("--only-generation", action="store_true", help="run section 4 alone")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     plan = QUICK if args.quick else FULL
+    if args.gen_batches:
+        plan = dataclasses.replace(plan, gen_batches=tuple(args.gen_batches))
     rec = Recorder(args.out, device)
     rec.write(environment(device, args.quick))
     started = time.perf_counter()
 
     with torch.inference_mode():
         model = rec.attempt("build DefectModel", build_defect_model, plan, device)
-        if model is not None:
+        if model is not None and not args.only_generation:
             flops = rec.attempt("section 1: encoder", vision_section, rec, plan, device, model)
             rec.attempt("section 2: fp8", fp8_section, rec, plan, device, model, flops)
     free_memory()
-    rec.attempt("section 3: MoE layer", moe_section, rec, plan, device)
-    free_memory()
+    if not args.only_generation:
+        rec.attempt("section 3: MoE layer", moe_section, rec, plan, device)
+        free_memory()
     with torch.inference_mode():
         rec.attempt("section 4: generation", decoder_section, rec, plan, device, model)
     rec.write({"name": "total wall time", "note": f"{time.perf_counter() - started:.0f} s; results in {args.out}"})
