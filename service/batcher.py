@@ -5,9 +5,11 @@ Policy
 ------
 * Lanes. Every item goes into one of three bounded lanes, served in priority order: FAST
   (camera frames, unary calls), BULK (audit jobs), LOW (language work). A batch takes FAST
-  items first and fills the remaining slots from BULK, then LOW, so fast-path work never
-  waits behind slower lanes. (A lower lane can starve while the fast lane stays full; that is
-  the intended trade.)
+  items first and fills the remaining slots from BULK, so fast-path work never waits behind
+  slower lanes. LOW items never share a batch with FAST or BULK ones (each extra image makes a
+  CPU batch longer, and a camera frame would pay for it) and run in batches of at most
+  `low_max_batch`, so a frame arriving meanwhile waits for one short call at most. (A lower
+  lane can starve while the fast lane stays full; that is the intended trade.)
 * Capacity. Each lane holds at most `queue_capacity` items, counted from admission (before the
   optional `prepare` step, e.g. decoding) until the item is taken into a batch. `submit` on a
   full lane raises `Overloaded` at once (never blocks the event loop), or with `wait=True`
@@ -81,12 +83,13 @@ class BatcherConfig:
     max_batch: int = 64
     max_delay_ms: float = 5.0
     queue_capacity: int = 256  # per lane
+    low_max_batch: int = 1  # LOW-lane (language) images per model call; they never join fast batches
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_batch <= self.max_batch:
             raise ValueError(f"need 1 <= min_batch <= max_batch, got {self.min_batch}, {self.max_batch}")
-        if self.max_delay_ms < 0 or self.queue_capacity < 1:
-            raise ValueError("need max_delay_ms >= 0 and queue_capacity >= 1")
+        if self.max_delay_ms < 0 or self.queue_capacity < 1 or self.low_max_batch < 1:
+            raise ValueError("need max_delay_ms >= 0, queue_capacity >= 1 and low_max_batch >= 1")
 
 
 @dataclass(frozen=True)
@@ -364,8 +367,11 @@ class Batcher(Generic[T, R]):
     def _take(self, now: float) -> list[_Request]:
         batch: list[_Request] = []
         for lane in Priority:
+            if lane is Priority.LOW and batch:
+                break  # language work rides alone, never in a fast batch
             queue = self._lanes[lane]
-            while queue and len(batch) < self.config.max_batch:
+            limit = self.config.low_max_batch if lane is Priority.LOW else self.config.max_batch
+            while queue and len(batch) < limit:
                 request = queue.popleft()
                 self._release(request)
                 if request.future.done():

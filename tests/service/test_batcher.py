@@ -186,7 +186,7 @@ def test_expired_deadline_is_dropped_before_the_model() -> None:
     run(main())
 
 
-def test_fast_lane_goes_first_and_low_lane_fills_the_rest() -> None:
+def test_fast_lane_goes_first_and_low_lane_rides_alone() -> None:
     async def main() -> None:
         model = MeanModel()
         batcher = await started(model, min_batch=1, max_batch=3, max_delay_ms=0)
@@ -197,8 +197,8 @@ def test_fast_lane_goes_first_and_low_lane_fills_the_rest() -> None:
         await asyncio.sleep(0.01)
         model.gate.set()
         await asyncio.gather(holder, *low, *fast)
-        assert model.batches[1] == [0.0, 1.0, 100.0]  # fast items first, one low item fills the batch
-        assert model.batches[2] == [101.0]
+        assert model.batches[1] == [0.0, 1.0]  # fast items first; low items never join their batch
+        assert model.batches[2:] == [[100.0], [101.0]]  # then one low item per call (low_max_batch 1)
         await batcher.stop()
 
     run(main())

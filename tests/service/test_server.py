@@ -265,14 +265,15 @@ def test_work_whose_deadline_passed_never_reaches_the_model(server_factory, conn
         stub.Inspect(pb.InspectRequest(image=media.image(seed=1)), timeout=0.3)
     assert err.value.code() == Code.DEADLINE_EXCEEDED
     assert busy.result().verdict.image_width == 64
-    assert slow.inspected == 1  # the late request was dropped from the queue, not run
+    assert slow.inspected == 1, "the late request must be dropped from the queue, not run"
     # Stream frames waiting longer than frame_timeout_ms come back as DEADLINE_EXCEEDED drops.
     results = list(stub.InspectStream(iter(frames(media, ("cam",), 4)), timeout=30))
     outcomes = [r.WhichOneof("outcome") for r in results]
-    assert [r.frame_id for r in results] == [0, 1, 2, 3] and outcomes[0] == "verdict"
+    detail = [(r.frame_id, o, r.dropped.detail if o == "dropped" else "") for r, o in zip(results, outcomes)]
+    assert [r.frame_id for r in results] == [0, 1, 2, 3] and outcomes[0] == "verdict", detail
     late = [r for r in results if r.WhichOneof("outcome") == "dropped"]
-    assert late and all(r.dropped.reason == pb.Drop.DEADLINE_EXCEEDED for r in late)
-    assert slow.inspected == 1 + outcomes.count("verdict")
+    assert late and all(r.dropped.reason == pb.Drop.DEADLINE_EXCEEDED for r in late), detail
+    assert slow.inspected == 1 + outcomes.count("verdict"), (slow.inspected, detail)
 
 
 def test_flooding_stream_gets_exactly_one_result_per_frame(server_factory, connect, media) -> None:
