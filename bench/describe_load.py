@@ -19,7 +19,6 @@ the same run. Describe throughput during the loaded phase is reported beside it.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import threading
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 
 import grpc
+from serve_latency import LoopThread, bench_grpc, encode_jpeg, machine, render_frames, write_results
 
 from lineinspect.moe_lm.report_model import load_language
 from lineinspect.service.config import ServerConfig
@@ -34,7 +34,6 @@ from lineinspect.service.server import RunningServer, start_server
 from lineinspect.v1 import inspection_pb2 as pb
 from lineinspect.v1 import inspection_pb2_grpc as pb_grpc
 from lineinspect.vision.model_io import load_inspector
-from serve_latency import LoopThread, bench_grpc, encode_jpeg, machine, render_frames
 
 
 def _request(jpegs: list[bytes], i: int, max_tokens: int, frame_refs: int) -> pb.DescribeRequest:
@@ -55,16 +54,14 @@ def _ask_reports(port: int, jpegs: list[bytes], first: int, max_tokens: int, fra
             request = _request(jpegs, i, max_tokens, frame_refs)
             i += 1
             try:
-                last = None
-                for last in stub.Describe(request, timeout=120):
-                    pass
+                chunks = list(stub.Describe(request, timeout=120))
             except grpc.RpcError:
                 with lock:
                     totals[2] += 1
                 continue
             with lock:
                 totals[0] += 1
-                totals[1] += last.tokens if last is not None else 0
+                totals[1] += chunks[-1].tokens if chunks else 0
 
 
 def _client_process(port: int, jpegs: list[bytes], clients: int, max_tokens: int, frame_refs: int, stop,
@@ -148,10 +145,7 @@ def main() -> None:
     print(f"camera p99 loaded/idle = {results['p99_ratio']}x (p50 {results['p50_ratio']}x); Describe during load: "
           f"{d['reports']} reports, {d['tokens']} tokens in {d['seconds']} s = {d['tokens_per_s']} tokens/s, "
           f"{d['errors']} errors")
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
-        print(f"wrote {args.out}")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":

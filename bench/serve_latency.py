@@ -285,6 +285,14 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def write_results(results: dict, out: Path | None) -> None:
+    """The run's results as indented JSON at `out` (folders made as needed), if given."""
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
+        print(f"wrote {out}")
+
+
 def machine() -> dict:
     return {
         "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
@@ -349,10 +357,7 @@ def main() -> None:
         loop.close()
     results["machine"]["load_average_end"] = os.getloadavg()
     print(table(results))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
-        print(f"wrote {args.out}")
+    write_results(results, args.out)
 
 
 if __name__ == "__main__":
