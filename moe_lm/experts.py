@@ -1,20 +1,22 @@
 """SwiGLU experts: one dense expert (shared experts use it) and E routed experts computed grouped.
 
-Routed experts keep their weights stacked, (E, C, 2H) and (E, H, C), so that all experts run in
-one batched computation over token groups sorted by expert:
+Routed experts keep their weights stacked, (E, C, 2H) with gate and up side by side, and (E, H, C),
+so that all experts run in one batched computation over token rows sorted by expert. The caller
+passes the groups as ``offs``, the (E,) int32 end row of each expert's group, computed on the device:
 
 * ``grouped_mm``: ``torch._grouped_mm(x (M, C), w (E, C, N), offs)`` multiplies each contiguous
-  row group by its expert's matrix in one kernel, with no padding and no host sync. It exists in
-  recent torch, needs every row stride to be a multiple of 16 bytes, and has kernels for a set of
-  devices and dtypes that grows with each release (bf16 on Hopper first; on torch 2.11 an H200
-  also ran fp16 and fp32, and CPU ran all three); ``grouped_mm_supported`` checks the widths and
-  probes the runtime once per device and dtype.
+  row group by its expert's matrix in one kernel, with no padding and no host sync: gate and up
+  are one grouped GEMM, then SwiGLU, then the down GEMM. Nothing on this path reads a device value
+  on the host, so it runs under a CUDA graph. It exists in recent torch, needs every row stride to
+  be a multiple of 16 bytes, and has kernels for a set of devices and dtypes that grows with each
+  release (bf16 on Hopper first; on torch 2.11 an H200 also ran fp16 and fp32, and CPU ran all
+  three); ``grouped_mm_supported`` checks the widths and probes the runtime once per device and dtype.
 * ``padded_bmm`` (the fallback, any device and dtype): scatter each group into a zero-padded
   (E, P, C) buffer, P = the largest group, and use ``torch.bmm``. We chose it over a block-diagonal
   or per-expert launch because bmm is one kernel with autograd on every backend, and the padding
-  it wastes is bounded: under a capacity factor P <= capacity, and with balanced routing P is close
-  to the mean group. Zero rows contribute nothing to outputs or weight gradients. Its cost is one
-  host sync (P) and (E * P - M) wasted rows when routing is skewed.
+  it wastes is bounded: with balanced routing P is close to the mean group. Zero rows contribute
+  nothing to outputs or weight gradients. Its cost is one host sync (P) and (E * P - M) wasted
+  rows when routing is skewed.
 
 Measured once on an H200 (torch 2.11, bf16, l14 sizes, 8192 tokens, MoE block forward+backward):
 balanced routing grouped_mm 3.6 ms, padded_bmm 4.2 ms, per-expert loop 17.2 ms; with routing
@@ -58,8 +60,7 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype, dims: tuple[i
     """Whether torch._grouped_mm runs here for matrices whose inner widths are `dims`."""
     if not hasattr(torch, "_grouped_mm") or dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if any((d * itemsize) % 16 for d in dims):  # every row stride a multiple of 16 bytes
+    if any((d * dtype.itemsize) % 16 for d in dims):  # every row stride a multiple of 16 bytes
         return False
     return _grouped_mm_runs(device.type, device.index, dtype)
 
@@ -114,30 +115,31 @@ class RoutedExperts(nn.Module):
             )
         return "grouped_mm" if self.impl == "grouped_mm" or (self.impl == "auto" and ok) else "padded_bmm"
 
-    def forward(self, x: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
-        """x: (M, C) rows sorted by expert; group_sizes: (E,) long, sums to M. Returns (M, C)."""
+    def forward(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """x: (M, C) rows sorted by expert; offs: (E,) int32, the end row of each expert's group
+        (offs[-1] == M; equal neighbours = an empty group). Returns (M, C)."""
         if x.shape[0] == 0:
             return x.new_zeros(0, self.width)
         if self.resolve_impl(x) == "grouped_mm":
-            return self._grouped_mm(x, group_sizes)
-        return self._padded_bmm(x, group_sizes)
+            return self._grouped_mm(x, offs)
+        return self._padded_bmm(x, offs)
 
     def _activate(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.dropout(F.silu(gate) * up, p=self.dropout, training=self.training)
 
-    def _grouped_mm(self, x: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+    def _grouped_mm(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         dtype = _mm_dtype(x)
-        offs = group_sizes.cumsum(0).to(torch.int32)  # (E,) end row of each group
         gate_up = _contiguous_grad(torch._grouped_mm(x.to(dtype), self.w_gate_up.to(dtype), offs=offs))  # (M, 2H)
         h = self._activate(gate_up)  # (M, H)
         return _contiguous_grad(torch._grouped_mm(h, self.w_down.to(dtype), offs=offs))  # (M, C)
 
-    def _padded_bmm(self, x: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+    def _padded_bmm(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         E, M = self.n_experts, x.shape[0]
+        ends = offs.long()
+        group_sizes = ends.diff(prepend=ends.new_zeros(1))  # (E,)
         expert = torch.repeat_interleave(torch.arange(E, device=x.device), group_sizes, output_size=M)  # (M,)
-        starts = group_sizes.cumsum(0) - group_sizes  # (E,)
-        slot = torch.arange(M, device=x.device) - starts[expert]  # (M,) row inside its group
+        slot = torch.arange(M, device=x.device) - (ends - group_sizes)[expert]  # (M,) row inside its group
         P = int(group_sizes.max())
         padded = x.new_zeros(E, P, self.width).index_put((expert, slot), x)  # (E, P, C)
         h = self._activate(torch.bmm(padded, self.w_gate_up.to(padded.dtype)))  # (E, P, H)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from lineinspect.errors import LineInspectError
 from lineinspect.moe_lm.config import preset
 from lineinspect.moe_lm.experts import grouped_mm_supported
 from lineinspect.moe_lm.moe import MoEBlock, expert_capacity
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def loop_moe(block: MoEBlock, x: torch.Tensor) -> torch.Tensor:
@@ -98,3 +101,39 @@ def test_expert_dropout_is_training_only() -> None:
     block.train()
     dropped = block(x)[0]
     assert not torch.allclose(dropped, reference, atol=1e-4)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_grouped_path_never_reads_device_values_on_the_host(capacity_factor: float | None) -> None:
+    """Fake tensors carry no data: any .item(), .tolist(), bincount or boolean-mask shape on the
+    path (forward or backward) raises, so passing here means the block can run under a CUDA graph."""
+    block = _block("grouped_mm", capacity_factor=capacity_factor).to(torch.bfloat16).train()
+    if block.experts.resolve_impl(torch.ones(1, 64, dtype=torch.bfloat16)) != "grouped_mm":
+        pytest.skip("torch._grouped_mm does not run on this CPU")
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.randn(2, 9, 64, dtype=torch.bfloat16, requires_grad=True)
+        out, stats = block(x)
+        out.float().sum().backward()
+    assert out.shape == (2, 9, 64) and stats.overflow.shape == (16,)
+
+
+@needs_cuda
+def test_block_replays_from_a_cuda_graph() -> None:
+    block = _block("auto").cuda().to(torch.bfloat16).eval()
+    x = torch.randn(2, 48, 64, device="cuda", dtype=torch.bfloat16)
+    if block.experts.resolve_impl(x) != "grouped_mm":
+        pytest.skip("torch._grouped_mm does not run on this GPU")
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+            block(x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out, static_stats = block(x)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        out, stats = block(x)
+    torch.testing.assert_close(static_out, out, rtol=2e-2, atol=2e-3)
+    assert torch.equal(static_stats.counts, stats.counts)
