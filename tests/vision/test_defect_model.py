@@ -16,6 +16,7 @@ from lineinspect.vision.heads import HeadConfig
 from lineinspect.vision.inspector import Calibration
 from lineinspect.vision.memory_bank import greedy_coreset, nearest_distance
 from lineinspect.vision.model_io import load_inspector, save_model_dir, untrained_inspector
+from lineinspect.vision.precision import autocast
 
 
 def small_model(num_classes: int = 3) -> DefectModel:
@@ -80,7 +81,7 @@ def test_model_dir_round_trip(tmp_path) -> None:
     assert inspector.threshold == 0.3 and inspector.class_names == ["a", "b", "c"]
     image = (np.random.default_rng(0).random((90, 120, 3)) * 255).astype(np.uint8)
     resized = cv2.resize(image, (64, 64), interpolation=cv2.INTER_AREA)
-    with torch.no_grad():
+    with torch.no_grad(), autocast(inspector.device, inspector.autocast_dtype):  # the precision it serves in
         expected = model.eval()(torch.from_numpy(resized).permute(2, 0, 1)[None].float() / 255)
     result = inspector.inspect_batch([image], heatmaps=True)[0]
     assert result.heatmap.shape == (90, 120)
