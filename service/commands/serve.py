@@ -24,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 = any free port)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="on CUDA, run the model eagerly instead of from CUDA graphs captured at start-up")
     p.add_argument("--max-batch", type=int, default=64, help="most images per model call (default 64)")
     p.add_argument("--min-batch", type=int, default=4, help="floor of the adaptive batch target (default 4)")
     p.add_argument("--max-delay-ms", type=float, default=5.0,
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     configure_logging()
     if args.untrained is not None:
-        inspector = untrained_inspector(args.untrained, args.device)
+        inspector = untrained_inspector(args.untrained, args.device, cuda_graphs=args.cuda_graphs)
     else:
         if config.model_dir is None:
             from lineinspect.service.defaults import ensure_default_model
@@ -74,6 +76,6 @@ def run(args: argparse.Namespace) -> int:
             model_dir = ensure_default_model()
         else:
             model_dir = config.model_dir
-        inspector = load_inspector(model_dir, args.device)
+        inspector = load_inspector(model_dir, args.device, cuda_graphs=args.cuda_graphs)
     serve(config, inspector)
     return 0
