@@ -11,7 +11,8 @@ from tqdm import tqdm
 from lineinspect.errors import LineInspectError
 from lineinspect.training.datasets import Dataset, Sample
 from lineinspect.training.metrics import EvalAccumulator, image_auroc, pixel_auroc
-from lineinspect.vision.inspector import Inspector
+from lineinspect.vision.inspector import Inspector, image_scores
+from lineinspect.vision.preprocess import to_batch
 from lineinspect.vision.result import Box
 
 
@@ -48,6 +49,36 @@ def evaluate(inspector: Inspector, dataset: Dataset, batch_size: int = 16, laten
     summary["latency_ms_p50"], summary["latency_ms_p99"] = _latency(inspector, samples, latency_samples)
     summary["threshold"] = inspector.threshold
     summary["score_source"] = inspector.calibration.score_source
+    return summary
+
+
+def compare_models(reference: Inspector, candidate: Inspector, samples: list[Sample], batch_size: int = 16) -> dict:
+    """How far `candidate` (e.g. the int8 model) moves from `reference` (fp32) on the same images:
+    image scores, verdicts at each model's threshold, Pearson correlation of the model-resolution
+    maps, and image AUROC of both when the samples hold good and defect images."""
+    ref_scores, cand_scores, corr = [], [], []
+    for start in range(0, len(samples), batch_size):
+        images = [s.load_image() for s in samples[start : start + batch_size]]
+        outs = []
+        for insp in (reference, candidate):
+            out = insp.run_model(to_batch(images, insp.input_size, insp.device))
+            outs.append((image_scores(out, insp.calibration)[insp.calibration.score_source].float().cpu().numpy(),
+                         out.anomaly_map.flatten(1).float().cpu().numpy()))
+        (rs, rm), (cs, cm) = outs
+        ref_scores += rs.tolist()
+        cand_scores += cs.tolist()
+        corr += [float(np.corrcoef(a, b)[0, 1]) for a, b in zip(rm, cm)]
+    r, c = np.array(ref_scores), np.array(cand_scores)
+    diff = np.abs(c - r)
+    summary = {"n_images": len(r), "score_abs_diff_mean": round(float(diff.mean()), 5),
+               "score_abs_diff_max": round(float(diff.max()), 5),
+               "verdict_flips": int(((r >= reference.threshold) != (c >= candidate.threshold)).sum()),
+               "map_correlation_mean": round(float(np.nanmean(corr)), 5),
+               "map_correlation_min": round(float(np.nanmin(corr)), 5)}
+    labels = [s.is_defect for s in samples]
+    if 0 < sum(labels) < len(labels):
+        summary["image_auroc"] = {"reference": round(image_auroc(r, labels), 4),
+                                  "candidate": round(image_auroc(c, labels), 4)}
     return summary
 
 

@@ -1,5 +1,9 @@
 """Model directories: `model.safetensors` + `config.json`, self-contained, never pickles.
 
+A model with int8 linear layers (`vision.int8`, written by `lineinspect quantize`) stores their int8
+weights and per-channel scales as tensors and lists the layers in config.json under "quantization";
+loading rebuilds those layers before reading the weights.
+
 A model directory is written to a temporary sibling and renamed into place, so an interrupted
 save never leaves a half-written model behind.
 """
@@ -22,6 +26,7 @@ from lineinspect.vision.defect_model import DefectModel, DefectModelConfig
 from lineinspect.vision.encoder import EncoderConfig, preset
 from lineinspect.vision.heads import HeadConfig
 from lineinspect.vision.inspector import Calibration, Inspector
+from lineinspect.vision.int8 import SCHEME, int8_layout, quantized_layers
 
 FORMAT = "lineinspect-defect-model"
 FORMAT_VERSION = 1
@@ -52,6 +57,9 @@ def save_model_dir(out: str | Path, model: DefectModel, calibration: Calibration
         config = {"format": FORMAT, "format_version": FORMAT_VERSION, "lineinspect_version": __version__,
                   "model": model_config_to_dict(model.config), "calibration": calibration.to_dict(),
                   **(extra or {})}
+        layers = quantized_layers(model)
+        if layers:
+            config["quantization"] = {"scheme": SCHEME, "layers": layers}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2, default=str))
         if out.exists():
             keep = [p for p in out.iterdir() if p.name not in (WEIGHTS, CONFIG)]
@@ -95,6 +103,8 @@ def load_model_dir(model_dir: str | Path) -> tuple[DefectModel, Calibration, dic
         calibration = Calibration.from_dict(config["calibration"])
     except (KeyError, TypeError, ValueError) as exc:
         raise LineInspectError(f"{model_dir / CONFIG}: incomplete or from another version ({exc}); retrain") from exc
+    if "quantization" in config:
+        rebuild_quantized(model, config["quantization"], model_dir / CONFIG)
     weights = model_dir / WEIGHTS
     if not weights.is_file():
         raise LineInspectError(f"{weights}: missing; {model_dir} is not a complete model directory")
@@ -110,24 +120,47 @@ def load_model_dir(model_dir: str | Path) -> tuple[DefectModel, Calibration, dic
     return model.eval(), calibration, config
 
 
+def rebuild_quantized(model: DefectModel, quantization: object, path: Path) -> None:
+    """Give `model` the int8 layers that config.json's "quantization" entry lists (before its weights load)."""
+    scheme = quantization.get("scheme") if isinstance(quantization, dict) else None
+    layers = quantization.get("layers") if isinstance(quantization, dict) else None
+    if scheme != SCHEME or not isinstance(layers, list) or not all(isinstance(n, str) for n in layers):
+        raise LineInspectError(f"{path}: unknown quantization {quantization!r}; this lineinspect ({__version__}) "
+                               f'reads {{"scheme": "{SCHEME}", "layers": [layer names]}}')
+    try:
+        int8_layout(model, layers)
+    except LineInspectError as exc:
+        raise LineInspectError(f"{path}: quantization does not match the model ({exc})") from exc
+
+
 def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise LineInspectError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
     return torch.device(device)
 
 
-def load_inspector(model_dir: str | Path, device: str = "cpu") -> Inspector:
+def load_inspector(model_dir: str | Path, device: str = "cpu", cuda_graphs: bool = True) -> Inspector:
+    """The model directory's Inspector; on CUDA it runs from CUDA graphs unless `cuda_graphs` is off."""
     model, calibration, config = load_model_dir(model_dir)
-    return Inspector(model, calibration, resolve_device(device), preset=config["model"]["encoder"]["preset"])
+    device = resolve_device(device)
+    if "quantization" not in config:
+        return Inspector(model, calibration, device, preset=config["model"]["encoder"]["preset"],
+                         cuda_graphs=cuda_graphs)
+    # int8 (vision.int8) is a CPU format. Its kernels take fp32, and bf16 autocast around them added
+    # casts and was slower (s14 b1: 284 vs 179 ms, contended 2-core CPU), so the other layers stay fp32;
+    # on GPUs it runs dequantised and eager (the CUDA graph path rebuilds a float model).
+    return Inspector(model, calibration, device, preset=config["model"]["encoder"]["preset"],
+                     precision="fp32" if device.type == "cpu" else "auto", cuda_graphs=False)
 
 
 def untrained_inspector(preset_name: str = "tiny", device: str = "cpu", seed: int = 0,
-                        num_classes: int = 0) -> Inspector:
+                        num_classes: int = 0, cuda_graphs: bool = True) -> Inspector:
     """Random weights: for contract tests and speed benchmarks, never for verdicts."""
     torch.manual_seed(seed)
     config = DefectModelConfig(preset(preset_name), HeadConfig(num_classes=num_classes))
     names = tuple(f"class_{i}" for i in range(num_classes))
-    return Inspector(DefectModel(config), Calibration(class_names=names), resolve_device(device))
+    return Inspector(DefectModel(config), Calibration(class_names=names), resolve_device(device),
+                     cuda_graphs=cuda_graphs)
 
 
 __all__ = ["save_model_dir", "load_model_dir", "load_inspector", "untrained_inspector", "read_model_config"]
