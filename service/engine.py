@@ -41,8 +41,11 @@ log = logging.getLogger(__name__)
 class InspectorLike(Protocol):
     """What the engine needs of `lineinspect.vision.inspector.Inspector`."""
 
+    input_size: int  # model input side: frames may be decoded shrunk down to it, never below
+
     def inspect_batch(
-        self, images: list[np.ndarray], heatmaps: list[bool] | bool = False
+        self, images: list[np.ndarray], heatmaps: list[bool] | bool = False,
+        sizes: list[tuple[int, int]] | None = None,
     ) -> list[Inspection]: ...
 
     def info(self) -> dict: ...
@@ -78,10 +81,14 @@ ImageSource = EncodedImage | RawPixels
 _ITEMSIZE = {"uint8": 1, "uint16": 2}
 
 
-def decode_source(source: ImageSource, max_pixels: int, name: str = "image") -> np.ndarray:
-    """Any image source -> RGB uint8 (H, W, 3); InvalidImage / ImageTooLarge say what is wrong."""
+def decode_source(source: ImageSource, max_pixels: int, name: str = "image",
+                  min_side: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Any image source -> (RGB uint8 (h, w, 3), the source's (H, W)); InvalidImage /
+    ImageTooLarge say what is wrong. With `min_side`, a JPEG may decode shrunk (h, w < H, W),
+    never below min_side a side (`images.jpeg_reduction`)."""
     if isinstance(source, RawPixels):
-        return _decode_raw(source, max_pixels, name)
+        image = _decode_raw(source, max_pixels, name)
+        return image, image.shape[:2]
     data = source.data
     size = header_size(data) if data else None
     if size is not None:
@@ -90,9 +97,10 @@ def decode_source(source: ImageSource, max_pixels: int, name: str = "image") -> 
         except LineInspectError as exc:
             raise (ImageTooLarge if min(size) > 0 else InvalidImage)(str(exc)) from None
     try:
-        return decode_image(data, name, max_pixels)
+        image = decode_image(data, name, max_pixels, min_side=min_side)
     except LineInspectError as exc:
         raise InvalidImage(str(exc)) from None
+    return image, (size[1], size[0]) if size is not None else image.shape[:2]
 
 
 def _decode_raw(raw: RawPixels, max_pixels: int, name: str) -> np.ndarray:
@@ -131,7 +139,8 @@ def heatmap_png(heatmap: np.ndarray) -> bytes:
 
 @dataclass(frozen=True)
 class _Task:
-    image: np.ndarray  # RGB uint8 (H, W, 3)
+    image: np.ndarray  # RGB uint8 (h, w, 3), possibly decoded shrunk
+    size: tuple[int, int]  # (H, W) of the image as sent: heatmaps and boxes are in its pixels
     want_heatmap: bool
     frame_key: tuple[str, int] | None = None  # store this frame's evidence tokens under the key
     want_tokens: bool = False  # return the evidence tokens (Describe of an image)
@@ -232,7 +241,8 @@ class InspectionEngine:
         max_pixels = self.config.max_image_pixels
 
         def prepare(src: ImageSource) -> _Task:
-            return _Task(decode_source(src, max_pixels, name), want_heatmap, frame_key, want_tokens)
+            image, size = decode_source(src, max_pixels, name, min_side=self.inspector.input_size)
+            return _Task(image, size, want_heatmap, frame_key, want_tokens)
 
         done = await self.batcher.submit(
             source, priority=priority, deadline=deadline, prepare=prepare, wait=wait
@@ -292,17 +302,18 @@ class InspectionEngine:
             row = tokens[i].clone() if tokens is not None and tokens[i] is not None else None  # own memory
             if row is not None and t.frame_key is not None and self.frame_cache is not None:
                 self.frame_cache.put(t.frame_key, row)
-            outputs.append(_Output(r, t.image.shape[0], t.image.shape[1], row if t.want_tokens else None))
+            outputs.append(_Output(r, t.size[0], t.size[1], row if t.want_tokens else None))
         return outputs
 
     def _inspect(self, tasks: list[_Task]) -> tuple[list[Inspection], Any]:
         """One inspector call; with a tap and a task that needs them, also the evidence tokens (B, N, D)."""
         images = [t.image for t in tasks]
         flags = [t.want_heatmap for t in tasks]
+        sizes = [t.size for t in tasks]
         if self.tap is None or not any(t.frame_key is not None or t.want_tokens for t in tasks):
-            return list(self.inspector.inspect_batch(images, flags)), None
+            return list(self.inspector.inspect_batch(images, flags, sizes)), None
         with self.tap.capture() as outputs:
-            results = list(self.inspector.inspect_batch(images, flags))
+            results = list(self.inspector.inspect_batch(images, flags, sizes))
         return results, self.tap.tokens(outputs)
 
     def info(self) -> dict:

@@ -108,6 +108,25 @@ def test_unary_round_trip_with_heatmap(stub, media) -> None:
     assert plain.verdict.heatmap_png == b""  # only when asked
 
 
+def test_large_jpeg_decoded_shrunk_still_answers_in_its_own_pixels(stub, tiny_inspector, media) -> None:
+    """A JPEG four times the model's input side is decoded at a quarter size (libjpeg's DCT
+    scaling) yet its verdict, heatmap and boxes are in the frame's own pixels, and its score
+    agrees with inspecting the fully decoded frame."""
+    side = tiny_inspector.input_size
+    image = cv2.resize(media.sample(48, 64, seed=5), (4 * side + 8, 4 * side), interpolation=cv2.INTER_NEAREST)
+    data = media.jpeg(image)
+    reply = stub.Inspect(pb.InspectRequest(image=pb.Image(encoded=data),
+                                           options=pb.InspectOptions(want_heatmap=True)), timeout=30)
+    v = reply.verdict
+    assert (v.image_width, v.image_height) == (4 * side + 8, 4 * side)
+    heat = cv2.imdecode(np.frombuffer(v.heatmap_png, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert heat.shape == (4 * side, 4 * side + 8)
+    assert all(0 <= b.x0 < b.x1 <= 4 * side + 8 and 0 <= b.y0 < b.y1 <= 4 * side for b in v.boxes)
+    full = tiny_inspector.inspect_batch([cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR),
+                                                      cv2.COLOR_BGR2RGB)])[0]
+    assert v.score == pytest.approx(full.score, abs=0.05)
+
+
 def test_raw_pixels_match_the_encoded_verdict(stub, media) -> None:
     image = media.sample(40, 56, seed=3)
     encoded = stub.Inspect(pb.InspectRequest(image=pb.Image(encoded=media.png(image))), timeout=30).verdict
@@ -213,11 +232,12 @@ class SlowInspector:
 
     def __init__(self, inner, delay_s: float) -> None:
         self.inner, self.delay_s, self.inspected = inner, delay_s, 0
+        self.input_size = inner.input_size
 
-    def inspect_batch(self, images, heatmaps=False):
+    def inspect_batch(self, images, heatmaps=False, sizes=None):
         time.sleep(self.delay_s)
         self.inspected += len(images)
-        return self.inner.inspect_batch(images, heatmaps)
+        return self.inner.inspect_batch(images, heatmaps, sizes)
 
     def info(self) -> dict:
         return self.inner.info()

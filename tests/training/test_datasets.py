@@ -4,6 +4,7 @@ import hashlib
 from collections import Counter
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -237,3 +238,20 @@ def test_neu_det_loads_with_stable_split() -> None:
     image = sample.load_image()
     assert image.shape == (200, 200, 3)
     assert sample.load_mask(image.shape[:2]).any()
+
+
+def test_jpeg_decodes_shrunk_only_down_to_the_size_asked_for() -> None:
+    from lineinspect.images import decode_image, jpeg_reduction
+
+    image = np.zeros((480, 640, 3), np.uint8)
+    image[100:200, 300:500] = 200
+    jpeg = cv2.imencode(".jpg", image)[1].tobytes()
+    png = cv2.imencode(".png", image)[1].tobytes()
+    assert decode_image(jpeg).shape == (480, 640, 3)
+    assert decode_image(jpeg, min_side=224).shape == (240, 320, 3)  # 480 / 4 = 120 would be below 224
+    assert decode_image(jpeg, min_side=100).shape == (120, 160, 3)
+    assert decode_image(jpeg, min_side=481).shape == (480, 640, 3)
+    assert decode_image(png, min_side=100).shape == (480, 640, 3)  # only JPEG shrinks while decoding
+    assert jpeg_reduction((640, 480), jpeg, 60) == 8 and jpeg_reduction(None, jpeg, 60) == 1
+    shrunk = decode_image(jpeg, min_side=224).astype(int)
+    assert shrunk[75, 200].tolist() == [200, 200, 200] and shrunk[10, 10].tolist() == [0, 0, 0]
