@@ -34,9 +34,10 @@ from lineinspect.training.schedule import lr_at
 from lineinspect.vision.checkpoints import load_pretrained_encoder
 from lineinspect.vision.defect_model import DefectModel, DefectModelConfig
 from lineinspect.vision.encoder import preset
-from lineinspect.vision.heads import HeadConfig
+from lineinspect.vision.heads import HeadConfig, HeadOutput
 from lineinspect.vision.inspector import Calibration, image_scores
 from lineinspect.vision.model_io import resolve_device, save_model_dir
+from lineinspect.vision.precision import autocast, autocast_dtype
 
 # Per-preset defaults: (total steps, CPU batch, GPU batch, memory-bank size, learning rate,
 # share of steps for masked reconstruction). A 3-minute CPU run of `tiny` does better spending
@@ -68,12 +69,14 @@ class TrainConfig:
     ssl_fraction: float | None = None  # share of steps/time for masked reconstruction (preset default)
     p_defect: float = 0.5  # share of good images that get a synthetic defect per step
     paste_types: tuple[str, ...] = DEFECT_TYPES  # named defect renderings pasted besides the generic ones
+    name_pasted_kinds: bool = False  # lines without class labels learn to name the pasted kinds (experimental)
     val_fraction: float = 0.1
     target_frr: float | None = None  # choose the threshold for this false-reject rate instead of best F1
     memory_bank_size: int | None = None
     checkpoint_every_s: float = 120.0
     pretrained: str | None = None  # local ViT checkpoint to start the encoder from
     pretrained_act: str | None = None  # its activation when the file cannot tell ("gelu" for LAION CLIP)
+    precision: str = "auto"  # bf16 autocast where the device computes bf16 natively (vision.precision)
 
     def resolved(self) -> TrainConfig:
         if self.preset not in PRESET_DEFAULTS:
@@ -128,7 +131,10 @@ class Trainer:
             pretrained = load_pretrained_encoder(self.cfg.pretrained, base=enc, act=self.cfg.pretrained_act)
             enc = pretrained.config
         self.size = enc.img_size
-        self.class_names = list(dataset.class_names) if self._has_class_labels() else []
+        # A line without class labels can still name what it finds after the pasted kinds it learnt from.
+        self.names_pasted = not self._has_class_labels() and self.cfg.name_pasted_kinds and bool(self.cfg.paste_types)
+        self.class_names = (list(dataset.class_names) if self._has_class_labels()
+                            else list(self.cfg.paste_types) if self.names_pasted else [])
         head = {k: v for k, v in (("stem_channels", self.cfg.stem_channels),
                                   ("decoder_channels", self.cfg.decoder_channels)) if v}
         self.model = DefectModel(DefectModelConfig(
@@ -149,7 +155,7 @@ class Trainer:
             self.progress = Progress(**meta["progress"])
             tqdm.write(f"resuming from {self.ckpt_dir}: phase {self.progress.phase}, step {self.progress.step}")
         self.gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.progress.step)
-        self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
+        self.autocast = autocast_dtype(self.device, self.cfg.precision)
         self.last_ckpt = time.monotonic()
         self.step_ms: dict[str, float] = {}
         self.steps_done: dict[str, int] = {}
@@ -233,7 +239,7 @@ class Trainer:
             frac = max(self.progress.step / total, elapsed / budget if budget else 0.0)
             for group in self.opt.param_groups:
                 group["lr"] = lr_at(frac, self.cfg.lr)
-            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            with autocast(self.device, self.autocast):
                 loss, parts = self.ssl_loss() if phase == "ssl" else self.defect_loss()
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -266,19 +272,31 @@ class Trainer:
         return loss, {}
 
     def defect_loss(self) -> tuple[torch.Tensor, dict]:
+        images, masks, target, classes = self.defect_batch()
+        return self.supervised_loss(self.model.logits(images, class_region=masks), masks, target, classes)
+
+    def defect_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A batch with synthetic defects pasted on good images: images, masks, defect target (B,), class (B,)."""
         images, masks, defect, classes = self.batch()
         good = ~defect
         if good.any():
             pasted, pmask, has = synthesize_defects(images[good], self.gen, self.cfg.p_defect)
             if self.cfg.paste_types:
-                pasted, pmask, has, _ = paste_named_defects(pasted, pmask, has, self.cfg.paste_types, self.gen)
+                pasted, pmask, has, kinds = paste_named_defects(pasted, pmask, has, self.cfg.paste_types, self.gen)
+                if self.names_pasted:
+                    classes = classes.clone()
+                    classes[good] = kinds
             images[good], masks[good] = pasted, pmask
             target = defect.clone()
             target[good] = has
         else:
             target = defect
-        has_mask = self.train_cache.has_mask.new_ones(len(images)).to(self.device)
-        out = self.model.logits(images)
+        return images, masks, target, classes
+
+    def supervised_loss(self, out: HeadOutput, masks: torch.Tensor, target: torch.Tensor,
+                        classes: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Segmentation + image + class objectives of the head's logits against the batch's labels."""
+        has_mask = self.train_cache.has_mask.new_ones(len(masks)).to(self.device)
         seg = focal_dice_loss(out.mask_logits, masks, has_mask.float())
         img = F.binary_cross_entropy_with_logits(out.image_logit.float(), target.float())
         parts = {"seg": float(seg.detach()), "img": float(img.detach())}
@@ -302,7 +320,7 @@ class Trainer:
         outs = []
         for chunk in images_u8.split(32):
             x = chunk.to(self.device).float().div_(255)
-            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            with autocast(self.device, self.autocast):
                 outs.append(self.model(x))
         return outs
 
@@ -315,7 +333,7 @@ class Trainer:
         desc = []
         for chunk in good.split(32):
             x = chunk.to(self.device).float().div_(255)
-            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            with autocast(self.device, self.autocast):
                 d, _ = self.model.descriptors(x)
             desc.append(d.float().flatten(0, 1))
         self.model.memory.fit(torch.cat(desc), seed=self.cfg.seed)
@@ -394,7 +412,16 @@ class Trainer:
         fitted = self.fit_memory()
         calibration = self.calibrate(fitted)
         self.progress.seconds["fit"] = time.monotonic() - t
-        summary = {
+        summary = self.summary()
+        save_model_dir(self.out, self.model.cpu(), calibration, summary)
+        tqdm.write(json.dumps({"model": str(self.out), "calibration": calibration.notes,
+                               "score_source": calibration.score_source, "threshold": round(calibration.threshold, 4),
+                               **summary["training"]["seconds"]}))
+        return self.out
+
+    def summary(self) -> dict:
+        """What config.json records about the run besides the model and its calibration."""
+        return {
             "training": {"config": asdict(self.cfg), "seconds": {k: round(v, 1) for k, v in
                                                                  self.progress.seconds.items()},
                          "load_seconds": round(self.load_seconds, 1), "first_losses": self.first_loss,
@@ -409,8 +436,3 @@ class Trainer:
                      "n_train": len(self.train_cache), "n_val": len(self.val_cache) if self.val_cache else 0,
                      "class_names": self.class_names},
         }
-        save_model_dir(self.out, self.model.cpu(), calibration, summary)
-        tqdm.write(json.dumps({"model": str(self.out), "calibration": calibration.notes,
-                               "score_source": calibration.score_source, "threshold": round(calibration.threshold, 4),
-                               **summary["training"]["seconds"]}))
-        return self.out

@@ -59,19 +59,25 @@ class DefectModel(nn.Module):
         """(B,3,S,S) float in [0,1] -> normalised input."""
         return (images - self.mean) / self.std
 
-    def logits(self, images: torch.Tensor) -> HeadOutput:
-        """Training view: raw head logits for images (B, 3, S, S) float in [0, 1]."""
+    def logits(self, images: torch.Tensor, class_region: torch.Tensor | None = None) -> HeadOutput:
+        """Training view: raw head logits for images (B, 3, S, S) float in [0, 1]; `class_region`
+        (B, 1, S, S): the true defect masks, where the class head should look."""
         x = self.normalize(images)
         enc = self.encoder(x)
-        return self.head(x, enc.features, enc.cls)
+        return self.head(x, enc.features, enc.cls, class_region)
 
     def descriptors(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Memory-bank descriptors (B, N, D) and the patch grid for images in [0, 1]."""
         enc = self.encoder(self.normalize(images))
         return patch_descriptors(enc.features), enc.grid
 
-    def forward(self, images: torch.Tensor, use_memory: bool = True) -> DefectOutput:
-        """images: (B, 3, S, S) float in [0, 1] (normalisation happens here)."""
+    def forward(self, images: torch.Tensor, use_memory: bool = True, bank_fitted: bool | None = None) -> DefectOutput:
+        """images: (B, 3, S, S) float in [0, 1] (normalisation happens here).
+
+        With `use_memory` the memory bank's map is added when the bank is fitted. `bank_fitted` says
+        whether it is when the caller knows; otherwise the flag is read from the device, a host sync
+        that CUDA graph capture does not allow.
+        """
         x = self.normalize(images)
         enc = self.encoder(x)
         cls_token = enc.cls
@@ -80,7 +86,7 @@ class DefectModel(nn.Module):
         k = self.config.map_smoothing
         smooth = F.avg_pool2d(prob, k, 1, k // 2, count_include_pad=False) if k > 1 else prob
         memory_map = None
-        if use_memory and bool(self.memory.fitted):
+        if use_memory and (bool(self.memory.fitted) if bank_fitted is None else bank_fitted):
             dist = self.memory(patch_descriptors(enc.features), enc.grid)
             memory_map = F.interpolate(dist, size=images.shape[-2:], mode="bilinear")
         novelty_score = None

@@ -29,6 +29,9 @@ class HeadConfig:
     decoder_channels: int = 64
     num_classes: int = 0  # defect classes; 0 when the line has no class labels
     self_similarity: bool = True  # novelty of each location against the rest of its image
+    # "mask": class evidence pooled where the map sees the defect, plus that region's shape and
+    # appearance (region_stats); "mean": pooled over the whole image (model directories before it)
+    class_pooling: str = "mask"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -38,6 +41,7 @@ class HeadConfig:
         data = dict(data)
         data["stem_channels"] = tuple(data["stem_channels"])
         data.setdefault("self_similarity", False)  # model directories written before it existed
+        data.setdefault("class_pooling", "mean")
         return cls(**data)
 
 
@@ -66,6 +70,51 @@ class PixelStem(nn.Module):
         return [f2, f4, f8]
 
 
+def mask_pooled(region: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
+    """Mean of each (B,C,h,w) feature map weighted by the defect probability there: a small
+    defect's evidence is not averaged away by the good surface around it (as in a global mean).
+    The weights carry no gradient, so naming a defect never reshapes where it is found."""
+    h, w = features[0].shape[-2:]
+    weight = F.adaptive_avg_pool2d(region.detach().float(), (h, w))  # (B,1,h,w)
+    weight = weight / weight.sum((2, 3), keepdim=True).clamp_min(1e-6)
+    return torch.cat([(f.float() * weight).sum((2, 3)) for f in features], 1).to(features[0].dtype)
+
+
+REGION_STATS = 10
+
+
+def region_stats(region: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Shape and appearance of the region the map marks, (B, REGION_STATS), no gradient: its
+    area, length and width (second moments), elongation and peak, and how its colour and
+    texture differ from the surface around it. What tells a scratch from a stain or a hole."""
+    with torch.no_grad():
+        p = F.avg_pool2d(region.detach().float(), 2)  # (B,1,h,w)
+        b, _, h, w = p.shape
+        mass = p.sum((1, 2, 3)).clamp_min(1e-3)
+        ys = torch.linspace(-1, 1, h, device=p.device).view(1, 1, h, 1)
+        xs = torch.linspace(-1, 1, w, device=p.device).view(1, 1, 1, w)
+        my, mx = (p * ys).sum((1, 2, 3)) / mass, (p * xs).sum((1, 2, 3)) / mass
+        dy, dx = ys - my.view(b, 1, 1, 1), xs - mx.view(b, 1, 1, 1)
+        cyy, cxx, cxy = ((p * dy * dy).sum((1, 2, 3)) / mass, (p * dx * dx).sum((1, 2, 3)) / mass,
+                         (p * dx * dy).sum((1, 2, 3)) / mass)
+        half_gap = ((cyy - cxx) ** 2 / 4 + cxy**2).sqrt()
+        major = ((cyy + cxx) / 2 + half_gap).clamp_min(1e-6).sqrt()
+        minor = ((cyy + cxx) / 2 - half_gap).clamp_min(1e-6).sqrt()
+        img = F.interpolate(images.detach().float(), size=(h, w), mode="area")  # (B,3,h,w)
+        inside = (img * p).sum((2, 3)) / mass.view(b, 1)
+        outside = (img * (1 - p)).sum((2, 3)) / (h * w - mass).clamp_min(1e-3).view(b, 1)
+        gray = img.mean(1, keepdim=True)
+        grad = (gray[..., 1:, :-1] - gray[..., :-1, :-1]).abs() + (gray[..., :-1, 1:] - gray[..., :-1, :-1]).abs()
+        pc = p[..., :-1, :-1]
+        texture_in = (grad * pc).sum((1, 2, 3)) / pc.sum((1, 2, 3)).clamp_min(1e-3)
+        texture_out = (grad * (1 - pc)).sum((1, 2, 3)) / (1 - pc).sum((1, 2, 3)).clamp_min(1e-3)
+        return torch.stack([
+            (mass / (h * w)).clamp_min(1e-4).log(), major.log(), minor.log(), (major / minor).log(),
+            p.flatten(1).amax(1), *(inside - outside).unbind(1), inside.mean(1) - outside.mean(1),
+            (texture_in + 1e-3).log() - (texture_out + 1e-3).log(),
+        ], 1)
+
+
 class HeadOutput(NamedTuple):
     mask_logits: torch.Tensor  # (B, 1, S, S) per-pixel defect logits at model input resolution
     image_logit: torch.Tensor  # (B,) image-level defect logit
@@ -92,22 +141,29 @@ class DefectHead(nn.Module):
         self.mask_out = nn.Conv2d(c1, 1, 1)
         pooled = vit_dim + d + c3
         self.image_out = nn.Sequential(nn.Linear(pooled + 2 + extra, d), nn.GELU(), nn.Linear(d, 1))
+        class_in = vit_dim + 2 * d + c3 + REGION_STATS if config.class_pooling == "mask" else pooled
+        # Region statistics and pooled features live on different scales: standardise them first.
+        norm = [nn.BatchNorm1d(class_in)] if config.class_pooling == "mask" else []
         self.class_out = (
-            nn.Sequential(nn.Linear(pooled, d), nn.GELU(), nn.Dropout(0.1), nn.Linear(d, config.num_classes))
+            nn.Sequential(*norm, nn.Linear(class_in, d), nn.GELU(), nn.Dropout(0.1),
+                          nn.Linear(d, config.num_classes))
             if config.num_classes
             else None
         )
 
-    def forward(self, images: torch.Tensor, vit_features: list[torch.Tensor], cls: torch.Tensor) -> HeadOutput:
-        """images (B,3,S,S); vit_features: per layer (B,C,h,w); cls (B,C)."""
+    def forward(self, images: torch.Tensor, vit_features: list[torch.Tensor], cls: torch.Tensor,
+                class_region: torch.Tensor | None = None) -> HeadOutput:
+        """images (B,3,S,S); vit_features: per layer (B,C,h,w); cls (B,C). `class_region` (B,1,S,S)
+        in [0,1]: where to look when naming the defect (training passes the true masks, so the
+        class head learns from the start; otherwise the predicted map)."""
         f2, f4, f8 = self.stem(images)
         v = self.vit_proj(torch.cat(vit_features, dim=1))  # (B, d, h, w)
         at8 = [F.interpolate(v, size=f8.shape[-2:], mode="bilinear"), f8]
         novelty = self_similarity_map(f8) if self.config.self_similarity else None
         if novelty is not None:
             at8.append(novelty.log().to(f8.dtype))
-        x = self.fuse8(torch.cat(at8, 1))
-        x = self.fuse4(torch.cat([F.interpolate(x, size=f4.shape[-2:], mode="bilinear"), f4], 1))
+        x8 = self.fuse8(torch.cat(at8, 1))
+        x = self.fuse4(torch.cat([F.interpolate(x8, size=f4.shape[-2:], mode="bilinear"), f4], 1))
         x = F.interpolate(self.squeeze2(x), size=f2.shape[-2:], mode="bilinear")
         x = self.fuse2(torch.cat([x, f2], 1))
         mask_logits = F.interpolate(self.mask_out(x), size=images.shape[-2:], mode="bilinear")
@@ -118,5 +174,11 @@ class DefectHead(nn.Module):
         if novelty is not None:
             stats.append(novelty.flatten(1).amax(1).log().to(peak.dtype))
         image_logit = self.image_out(torch.cat([pooled, torch.stack(stats, 1)], 1)).squeeze(1)
-        class_logits = self.class_out(pooled) if self.class_out is not None else None
+        class_logits = None
+        if self.class_out is not None:
+            if self.config.class_pooling == "mask":
+                region = torch.sigmoid(mask_logits.detach().float()) if class_region is None else class_region
+                pooled = torch.cat([cls, mask_pooled(region, [at8[0], x8, f8]),
+                                    region_stats(region, images).to(cls.dtype)], 1)
+            class_logits = self.class_out(pooled)
         return HeadOutput(mask_logits, image_logit, class_logits, novelty)
