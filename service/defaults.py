@@ -1,7 +1,8 @@
 """The embedded default: a synthetic line and a `tiny` model trained on it, cached on disk.
 
 The demo and `lineinspect serve` without `--model` use it, so a fresh machine with no GPU and
-no downloads has a working inspector after one short training run.
+no downloads has a working inspector (and a language part that writes reports) after one short
+training run.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from lineinspect.vision.model_io import CONFIG
 
 DEFAULT_SURFACE = "metal"
 DEFAULT_TRAIN_IMAGES = 200
-DEFAULT_TIME_BUDGET_S = 180.0
+DEFAULT_TIME_BUDGET_S = 150.0  # the defect model
+DEFAULT_LANGUAGE_BUDGET_S = 90.0  # its language part (the three stages together)
 
 
 def home() -> Path:
@@ -38,16 +40,24 @@ def ensure_default_data() -> Path:
     return data
 
 
-def ensure_default_model(time_budget: float = DEFAULT_TIME_BUDGET_S) -> Path:
-    """Return the cached default model directory, training it first if it is missing."""
-    model = default_model_dir()
-    if (model / CONFIG).is_file():
-        return model
+def ensure_default_model(time_budget: float = DEFAULT_TIME_BUDGET_S,
+                         language_budget: float = DEFAULT_LANGUAGE_BUDGET_S) -> Path:
+    """Return the cached default model directory, training what is missing of it first: the
+    defect model, then (with a positive `language_budget`) its language part."""
+    from lineinspect.moe_lm.report_model import has_language
     from lineinspect.training.datasets import open_dataset
-    from lineinspect.training.train_defect import TrainConfig, Trainer
 
-    data = ensure_default_data()
-    resume = (model / "checkpoint").is_dir()
-    Trainer(TrainConfig(preset="tiny", time_budget=time_budget, seed=0), open_dataset(data), model,
-            resume=resume).run()
+    model = default_model_dir()
+    if (model / CONFIG).is_file() and (language_budget <= 0 or has_language(model)):
+        return model
+    data = open_dataset(ensure_default_data())
+    if not (model / CONFIG).is_file():
+        from lineinspect.training.train_defect import TrainConfig, Trainer
+
+        resume = (model / "checkpoint").is_dir()
+        Trainer(TrainConfig(preset="tiny", time_budget=time_budget, seed=0), data, model, resume=resume).run()
+    if language_budget > 0:
+        from lineinspect.training.train_language import LanguageTrainConfig, train_language
+
+        train_language(model, data, LanguageTrainConfig(time_budget=language_budget, seed=0))
     return model

@@ -15,8 +15,9 @@ from lineinspect.service.demo import run_demo
 def test_demo_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LINEINSPECT_HOME", str(tmp_path / "home"))
     lines: list[str] = []
-    result = run_demo(out=tmp_path / "out", frames=8, device="cpu", time_budget=12.0, fps=20.0,
-                      progress=False, echo=lines.append)
+    streamed: list[str] = []
+    result = run_demo(out=tmp_path / "out", frames=8, device="cpu", time_budget=12.0, language_budget=12.0,
+                      fps=20.0, progress=False, echo=lines.append, write=streamed.append)
 
     text = "\n".join(lines)
     assert "training the default tiny model" in text
@@ -29,12 +30,16 @@ def test_demo_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert s["verdicts"] >= 1
     assert result["audit"]["counts"]["error"] == 0
     assert "report:" in text
+    # The worst frame's written report arrived in pieces, as it was generated, and nothing was lost.
+    written = result["written_report"]
+    assert written["tokens"] >= 1 and written["finish_reason"] in ("stop", "length")
+    assert written["text"] and written["text"] in "".join(streamed)
     # A second demo after the cached model changed redoes its report instead of refusing to mix models.
     from lineinspect.service import defaults
 
     shutil.rmtree(defaults.default_model_dir())
-    again = run_demo(out=tmp_path / "out", frames=4, device="cpu", time_budget=12.0, fps=20.0,
-                     progress=False, echo=lines.append)
+    again = run_demo(out=tmp_path / "out", frames=4, device="cpu", time_budget=12.0, language_budget=12.0,
+                     fps=20.0, progress=False, echo=lines.append, write=streamed.append)
     assert again["audit"]["counts"]["error"] == 0 and (tmp_path / "out" / "report.html").is_file()
 
 
