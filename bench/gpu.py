@@ -1,16 +1,23 @@
 """Every GPU measurement in one run (a few minutes on one H200), streamed to a JSON-lines file.
 
     python bench/gpu.py [--out FILE]               # H200: ViT-L/14 and the l14 decoder
+    python bench/gpu.py --only-inspector           # section 2 alone (about a minute)
+    python bench/gpu.py --only-moe                 # section 4 alone (well under a minute)
     python bench/gpu.py --device cpu --quick       # smoke run on a CPU, tiny sizes, under 2 minutes
 
 In order (cheapest and most important first):
  1. ViT encoder alone: fp32 and bf16 eager, bf16 under a CUDA graph, batch 1 and a large batch; the
     whole DefectModel (encoder + head + heatmap) under a CUDA graph, and with the memory bank.
- 2. fp8 (e4m3) linear layers (lineinspect.vision.fp8) against bf16: each ViT linear alone, the whole
+ 2. The served fast path end to end: `Inspector.inspect_batch` on 640x480 RGB frames (resize, model,
+    scores, boxes) from the Inspector's CUDA graphs (lineinspect.vision.cuda_graphs) against its
+    eager path (the baseline, in the same run), their start-up capture time, and how far apart
+    their scores and heatmaps are.
+ 3. fp8 (e4m3) linear layers (lineinspect.vision.fp8) against bf16: each ViT linear alone, the whole
     encoder, and the fp8 encoder's patch tokens against the bf16 ones.
- 3. One MoE feed-forward layer: grouped_mm, padded_bmm, the per-expert Python loop, and a dense
-    SwiGLU with the same active FLOPs; forward, and forward + backward.
- 4. Report generation with the KV cache (greedy), cross-attending to the encoder's patch tokens
+ 4. One MoE feed-forward layer: grouped_mm, padded_bmm, the per-expert Python loop, and a dense
+    SwiGLU with the same active FLOPs; forward, and forward + backward; grouped_mm and the dense
+    SwiGLU forward also replayed from CUDA graphs, and their ratio.
+ 5. Report generation with the KV cache (greedy), cross-attending to the encoder's patch tokens
     through the fusion path (evidence tokens -> resampler -> gated cross-attention).
 
 Each measurement appends one JSON object to --out and flushes it, so a killed run keeps what it
@@ -46,10 +53,13 @@ from lineinspect.moe_lm.experts import RoutedExperts, SwiGLU
 from lineinspect.moe_lm.generate import SamplingConfig, generate
 from lineinspect.moe_lm.moe import MoEBlock
 from lineinspect.moe_lm.report_model import EvidenceConfig, ReportModel, evidence_tokens, language_config
+from lineinspect.training.defects import DEFECT_TYPES, render_defect
+from lineinspect.training.surfaces import SURFACES, make_surface
 from lineinspect.vision.defect_model import DefectModel, DefectModelConfig
 from lineinspect.vision.encoder import preset as encoder_preset
 from lineinspect.vision.fp8 import Fp8Linear, convert_linears_to_fp8, quantize
 from lineinspect.vision.heads import HeadConfig
+from lineinspect.vision.inspector import Calibration, Inspector
 
 T = TypeVar("T")
 BF16 = torch.bfloat16
@@ -63,6 +73,7 @@ class Plan:
     encoder: str  # lineinspect.vision.encoder preset
     decoder: str  # lineinspect.moe_lm.config preset; also sizes the single MoE layer
     big_batch: int  # images per batch for throughput
+    inspector_batches: tuple[int, ...]  # frames per Inspector.inspect_batch call
     moe_tokens: tuple[int, ...]
     gen_batches: tuple[int, ...]
     new_tokens: int
@@ -73,8 +84,8 @@ class Plan:
     budget_s: float  # ... and at least 3, stopping once this many seconds are spent
 
 
-FULL = Plan("l14", "l14", 64, (64, 4096), (1, 32), 64, 16, 2048, warmup=5, iters=50, budget_s=3.0)
-QUICK = Plan("tiny", "tiny", 8, (64, 256), (1, 4), 8, 8, 128, warmup=1, iters=5, budget_s=0.3)
+FULL = Plan("l14", "l14", 64, (1, 32, 64), (64, 4096), (1, 32), 64, 16, 2048, warmup=5, iters=50, budget_s=3.0)
+QUICK = Plan("tiny", "tiny", 8, (1, 8), (64, 256), (1, 4), 8, 8, 128, warmup=1, iters=5, budget_s=0.3)
 
 
 # --------------------------------------------------------------------------- recording
@@ -271,7 +282,7 @@ def vision_section(rec: Recorder, plan: Plan, device: torch.device, model: Defec
     rec.measure(f"encoder {tag} fp32 eager b1", forward_entry, encoder, images[1], device, plan, flops,
                 note="TF32 off (torch default)")
     rec.measure(f"encoder {tag} bf16 autocast eager b1", forward_entry, encoder_autocast, images[1], device, plan,
-                flops, note="fp32 weights, as the Inspector runs today")
+                flops, note="fp32 weights, as the Inspector's eager path runs")
     model.to(BF16)
     images = {b: x.to(BF16) for b, x in images.items()}
     for b in (1, big):
@@ -302,7 +313,75 @@ def vision_section(rec: Recorder, plan: Plan, device: torch.device, model: Defec
     return flops
 
 
-# --------------------------------------------------------------------------- 2. fp8 linears
+# --------------------------------------------------------------------------- 2. Inspector end to end
+
+
+def camera_frames(count: int, seed: int = 0) -> list[np.ndarray]:
+    """`count` RGB uint8 640x480 frames: the synthetic surfaces in turn, every other one with a
+    defect painted in (as bench/serve_latency.py renders them)."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for i in range(count):
+        image = make_surface(SURFACES[i % len(SURFACES)], 640, rng)
+        if i % 2:
+            image, _ = render_defect(image, DEFECT_TYPES[i % len(DEFECT_TYPES)], rng)
+        frames.append(np.ascontiguousarray(image[80:560]))  # the middle 480 rows: 640x480
+    return frames
+
+
+def inspector_entry(inspector: Inspector, frames: list[np.ndarray], plan: Plan) -> dict:
+    """inspect_batch(frames) end to end, on the host clock (the call ends with its own synchronisation)."""
+    stats = measure(lambda: inspector.inspect_batch(frames), torch.device("cpu"), plan)
+    timings = inspector.inspect_batch(frames)[0].timings_ms  # per image: the batch's time / batch size
+    n = len(frames)
+    model_ms, post_ms = timings["model"] * n, timings["post"] * n
+    return {**stats, "batch": n, "rate": n / stats["median_ms"] * 1e3, "rate_unit": "img/s",
+            "model_ms": model_ms, "post_ms": post_ms,
+            "note": f"one more call: model {model_ms:.2f} ms (resize, model, copy to host), "
+                    f"post {post_ms:.2f} ms (verdicts, boxes on the host)"}
+
+
+def agreement_entry(graphs: Inspector, eager: Inspector, frames: list[np.ndarray]) -> dict:
+    """How far the graphs' scores and heatmaps are from the eager path's on the same frames."""
+    a, b = graphs.inspect_batch(frames, heatmaps=True), eager.inspect_batch(frames, heatmaps=True)
+    score = max(abs(x.score - y.score) for x, y in zip(a, b))
+    heatmap = max(float(np.abs(x.heatmap - y.heatmap).max()) for x, y in zip(a, b))
+    verdicts = sum(x.is_defect == y.is_defect for x, y in zip(a, b)) / len(frames)
+    return {"score_max_abs": score, "heatmap_max_abs": heatmap, "verdicts_agree": verdicts,
+            "note": f"{len(frames)} frames: score max abs diff {score:.4f}, heatmap {heatmap:.4f}, "
+                    f"verdicts agree {verdicts:.0%} (random weights, threshold 0.5; GPU resize vs OpenCV, "
+                    f"bf16 weights vs bf16 autocast)"}
+
+
+def inspector_section(rec: Recorder, plan: Plan, device: torch.device) -> None:
+    """The Inspector with CUDA graphs against the same Inspector eager, on one fp32 model of the
+    encoder preset (random weights, default calibration)."""
+    model = build_defect_model(plan, device)
+    tag = f"{plan.encoder} {model.config.encoder.img_size}px, 640x480 RGB"
+    frames = camera_frames(8)
+    eager = Inspector(model, Calibration(), device, cuda_graphs=False)
+    graphs = None
+    if device.type == "cuda":
+        started = time.perf_counter()
+        graphs = rec.attempt(f"Inspector {tag} CUDA graph capture", Inspector, model, Calibration(), device)
+        if graphs is not None:
+            seconds = time.perf_counter() - started
+            rec.write({"name": f"Inspector {tag} CUDA graph capture", "capture_s": seconds,
+                       "note": f"{seconds:.1f} s at construction for buckets {list(graphs.graphs.buckets)}"})
+    for b in plan.inspector_batches:
+        batch = [frames[i % len(frames)] for i in range(b)]
+        rec.measure(f"Inspector {tag} eager b{b}", inspector_entry, eager, batch, plan,
+                    note="bf16 autocast over fp32 weights, OpenCV resize: the served path before CUDA graphs")
+        name = f"Inspector {tag} CUDA graphs b{b}"
+        if graphs is not None:
+            rec.measure(name, inspector_entry, graphs, batch, plan, note="bf16 weights, resize on the GPU")
+        else:
+            rec.skip(name, "needs CUDA" if device.type != "cuda" else "capture failed")
+    if graphs is not None:
+        rec.measure(f"Inspector {tag} CUDA graphs vs eager", agreement_entry, graphs, eager, frames)
+
+
+# --------------------------------------------------------------------------- 3. fp8 linears
 
 
 def fp8_skip_reason(device: torch.device) -> str | None:
@@ -375,15 +454,16 @@ def fp8_section(rec: Recorder, plan: Plan, device: torch.device, model: DefectMo
     rec.measure(accuracy, fp8_accuracy, model.encoder, fp8_encoder, images[:8])
 
 
-# --------------------------------------------------------------------------- 3. MoE feed-forward layer
+# --------------------------------------------------------------------------- 4. MoE feed-forward layer
 
 
-def per_expert_loop(experts: RoutedExperts, x: torch.Tensor, group_sizes: torch.Tensor) -> torch.Tensor:
+def per_expert_loop(experts: RoutedExperts, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """RoutedExperts.forward as a plain Python loop over experts: the naive baseline."""
-    outputs = []
-    for e, rows in enumerate(x.split(group_sizes.tolist())):
-        gate, up = (rows @ experts.w_gate_up[e]).chunk(2, dim=-1)
+    outputs, start = [], 0
+    for e, end in enumerate(offs.tolist()):
+        gate, up = (x[start:end] @ experts.w_gate_up[e]).chunk(2, dim=-1)
         outputs.append((F.silu(gate) * up) @ experts.w_down[e])
+        start = end
     return torch.cat(outputs)
 
 
@@ -391,14 +471,15 @@ def use_experts(experts: RoutedExperts, impl: str) -> None:
     """Make the experts run `impl`: "grouped_mm", "padded_bmm" or "loop" (per_expert_loop)."""
     experts.__dict__.pop("forward", None)  # undo an earlier "loop"
     if impl == "loop":
-        experts.forward = lambda x, group_sizes: per_expert_loop(experts, x, group_sizes)
+        experts.forward = lambda x, offs: per_expert_loop(experts, x, offs)
     else:
         experts.impl = impl
 
 
-def forward_only(fn: Fn, x: torch.Tensor, device: torch.device, plan: Plan, flops: float) -> dict:
+def forward_only(fn: Fn, x: torch.Tensor, device: torch.device, plan: Plan, flops: float,
+                 graph: bool = False) -> dict:
     with torch.no_grad():
-        return forward_entry(fn, x, device, plan, flops, per="tok")
+        return forward_entry(fn, x, device, plan, flops, graph=graph, per="tok")
 
 
 def forward_backward(module: nn.Module, fn: Fn, x: torch.Tensor, device: torch.device, plan: Plan,
@@ -413,8 +494,53 @@ def forward_backward(module: nn.Module, fn: Fn, x: torch.Tensor, device: torch.d
     return forward_entry(step, x, device, plan, 3 * flops, per="tok")
 
 
+def cuda_measure(rec: Recorder, name: str, device: torch.device, fn: Callable[..., dict], *args: Any,
+                 **kwargs: Any) -> dict | None:
+    """rec.measure(name, fn, *args, **kwargs) on CUDA; a "needs CUDA" entry elsewhere."""
+    if device.type != "cuda":
+        rec.skip(name, "needs CUDA")
+        return None
+    return rec.measure(name, fn, *args, **kwargs)
+
+
+def kernel_entry(fn: Fn, x: torch.Tensor, top: int = 8) -> dict:
+    """The GPU work of one warm fn(x) call, from torch.profiler: how many kernels (and memsets or
+    copies), their summed busy time, and the costliest by name. Busy time well under the wall
+    time means the call is bound by launches, which CUDA graphs remove."""
+    with torch.no_grad():
+        fn(x)
+        torch.cuda.synchronize()
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
+            fn(x)
+            torch.cuda.synchronize()
+    busy: dict[str, float] = {}
+    ops = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    for e in ops:
+        busy[e.name] = busy.get(e.name, 0.0) + e.time_range.elapsed_us()
+    costliest = sorted(busy.items(), key=lambda item: -item[1])[:top]
+    total = sum(busy.values())
+    return {"gpu_ops": len(ops), "gpu_busy_us": total, "costliest_us": {k[:100]: round(v, 1) for k, v in costliest},
+            "note": f"{len(ops)} GPU ops, {total:.0f} us busy; "
+                    + ", ".join(f"{k[:40]} {v:.0f} us" for k, v in costliest[:4])}
+
+
+def ratio_entry(name: str, fwd: dict[str, dict | None]) -> dict:
+    """grouped_mm forward time over the dense SwiGLU's, eager and from CUDA graphs (issue 5's target)."""
+    entry: dict[str, Any] = {"name": name}
+    notes = []
+    for mode in ("eager", "graph"):
+        moe, dense = fwd.get(f"grouped_mm {mode}"), fwd.get(f"dense {mode}")
+        if moe and dense:
+            entry[f"{mode}_ratio"] = moe["median_ms"] / dense["median_ms"]
+            notes.append(f"{mode} {entry[f'{mode}_ratio']:.2f}x ({moe['median_ms']:.3f} / {dense['median_ms']:.3f} ms)")
+    entry["note"] = ", ".join(notes) or "nothing to compare"
+    return entry
+
+
 def moe_section(rec: Recorder, plan: Plan, device: torch.device) -> None:
-    """One MoE layer of the decoder preset in bf16, each implementation, against a dense SwiGLU."""
+    """One MoE layer of the decoder preset in bf16, each implementation, against a dense SwiGLU;
+    grouped_mm and the dense SwiGLU also replayed from CUDA graphs."""
     cfg = decoder_preset(plan.decoder)
     shared_hidden = cfg.n_shared_experts * (cfg.shared_expert_hidden or cfg.expert_hidden)
     dense_hidden = cfg.top_k * cfg.expert_hidden + shared_hidden
@@ -436,15 +562,25 @@ def moe_section(rec: Recorder, plan: Plan, device: torch.device) -> None:
             counts = block(x)[1].counts.float()
         rec.write({"name": f"MoE layer, {n_tokens} tokens", "note": f"{shape}; random routing: busiest expert "
                    f"{float(counts.max() / counts.mean()):.2f}x the mean load"})
+        fwd: dict[str, dict | None] = {}
         for impl in ("grouped_mm", "padded_bmm", "loop"):
             use_experts(block.experts, impl)
-            rec.measure(f"MoE {impl} {n_tokens} tok fwd", forward_only, moe, x, device, plan, flops)
+            eager = rec.measure(f"MoE {impl} {n_tokens} tok fwd", forward_only, moe, x, device, plan, flops)
+            if impl == "grouped_mm":
+                fwd["grouped_mm eager"] = eager
+                fwd["grouped_mm graph"] = cuda_measure(rec, f"MoE grouped_mm {n_tokens} tok fwd, CUDA graph", device,
+                                                       forward_only, moe, x, device, plan, flops, graph=True)
+                cuda_measure(rec, f"MoE grouped_mm {n_tokens} tok fwd, GPU kernels", device, kernel_entry, moe, x)
             rec.measure(f"MoE {impl} {n_tokens} tok fwd+bwd", forward_backward, block, moe, x, device, plan, flops)
-        rec.measure(f"dense SwiGLU {n_tokens} tok fwd", forward_only, dense, x, device, plan, flops)
+        fwd["dense eager"] = rec.measure(f"dense SwiGLU {n_tokens} tok fwd", forward_only, dense, x, device, plan,
+                                         flops)
+        fwd["dense graph"] = cuda_measure(rec, f"dense SwiGLU {n_tokens} tok fwd, CUDA graph", device, forward_only,
+                                          dense, x, device, plan, flops, graph=True)
         rec.measure(f"dense SwiGLU {n_tokens} tok fwd+bwd", forward_backward, dense, dense, x, device, plan, flops)
+        rec.write(ratio_entry(f"MoE grouped_mm / dense SwiGLU {n_tokens} tok fwd", fwd))
 
 
-# --------------------------------------------------------------------------- 4. decoder generation
+# --------------------------------------------------------------------------- 5. decoder generation
 
 
 def make_evidence(model: DefectModel | None, cfg: EvidenceConfig, batch: int, device: torch.device) -> torch.Tensor:
@@ -528,7 +664,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=default_out(), help="JSON-lines file, appended to")
     parser.add_argument("--gen-batches", type=int, nargs="+", default=None, metavar="B",
                         help="batch sizes for the generation section (default: the plan's)")
-    parser.add_argument("--only-generation", action="store_true", help="run section 4 alone")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--only-generation", action="store_true", help="run section 5 alone")
+    only.add_argument("--only-inspector", action="store_true", help="run section 2 alone")
+    only.add_argument("--only-moe", action="store_true", help="run section 4 alone")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
@@ -540,17 +679,26 @@ def main(argv: list[str] | None = None) -> None:
     rec.write(environment(device, args.quick))
     started = time.perf_counter()
 
+    everything = not (args.only_generation or args.only_inspector or args.only_moe)
+    model = flops = None
     with torch.inference_mode():
-        model = rec.attempt("build DefectModel", build_defect_model, plan, device)
-        if model is not None and not args.only_generation:
+        if not (args.only_inspector or args.only_moe):
+            model = rec.attempt("build DefectModel", build_defect_model, plan, device)
+        if model is not None and everything:
             flops = rec.attempt("section 1: encoder", vision_section, rec, plan, device, model)
-            rec.attempt("section 2: fp8", fp8_section, rec, plan, device, model, flops)
-    free_memory()
-    if not args.only_generation:
-        rec.attempt("section 3: MoE layer", moe_section, rec, plan, device)
+    if everything or args.only_inspector:  # builds its Inspectors as serving does, outside inference mode
+        rec.attempt("section 2: Inspector", inspector_section, rec, plan, device)
         free_memory()
-    with torch.inference_mode():
-        rec.attempt("section 4: generation", decoder_section, rec, plan, device, model)
+    if model is not None and everything:
+        with torch.inference_mode():
+            rec.attempt("section 3: fp8", fp8_section, rec, plan, device, model, flops)
+    free_memory()
+    if everything or args.only_moe:
+        rec.attempt("section 4: MoE layer", moe_section, rec, plan, device)
+        free_memory()
+    if everything or args.only_generation:
+        with torch.inference_mode():
+            rec.attempt("section 5: generation", decoder_section, rec, plan, device, model)
     rec.write({"name": "total wall time", "note": f"{time.perf_counter() - started:.0f} s; results in {args.out}"})
 
 

@@ -3,6 +3,10 @@
 An Inspector owns a DefectModel on one device plus the calibration chosen on validation data
 (which score to trust, its threshold, the pixel threshold for boxes). It is the one object the
 CLI, the batch audit and the gRPC engine call; it holds no per-request state.
+
+On a CUDA device the model runs from CUDA graphs captured when the Inspector is built, with frames
+resized on the GPU (`vision.cuda_graphs`); ``cuda_graphs=False`` keeps the eager path, which is
+also the only path on CPUs.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ import numpy as np
 import torch
 
 from lineinspect import __version__
+from lineinspect.vision.cuda_graphs import BUCKETS, CudaGraphRunner, cat_rows, inference_copy, split_batch
 from lineinspect.vision.defect_model import DefectModel, DefectOutput
 from lineinspect.vision.postprocess import boxes_from_map, scale_boxes, upsample_map
+from lineinspect.vision.precision import autocast, autocast_dtype
 from lineinspect.vision.preprocess import to_batch
 from lineinspect.vision.result import Box, Inspection
 
@@ -70,16 +76,65 @@ def image_scores(out: DefectOutput, cal: Calibration) -> dict[str, torch.Tensor]
     return scores
 
 
+def graph_fields(cal: Calibration) -> tuple:
+    """The calibration fields that CUDA graphs compute with (thresholds are applied on the host)."""
+    return cal.score_source, cal.memory_mean, cal.memory_std, cal.novelty_mean, cal.novelty_std, bool(cal.class_names)
+
+
 class Inspector:
+    """The defect model and its calibration on one device (see the module docstring).
+
+    With CUDA graphs (on CUDA unless ``cuda_graphs=False``), the graphs run a copy of `model` taken
+    at construction, with weights in the Inspector's precision (bf16 by default): later changes to
+    `model`'s weights are not seen, and setting a calibration that scores differently captures the
+    graphs again (seconds). `model` itself stays as given and serves `run_model`. Forward hooks on
+    `model` (the language path's evidence tap) see each batch's input and output on both paths.
+    """
+
     def __init__(self, model: DefectModel, calibration: Calibration, device: torch.device | str = "cpu",
-                 preset: str | None = None) -> None:
+                 preset: str | None = None, precision: str = "auto", cuda_graphs: bool = True,
+                 buckets: tuple[int, ...] = BUCKETS) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.calibration = calibration
+        self._calibration = calibration
         self.preset = preset or model.config.encoder.preset
         self.input_size = model.config.encoder.img_size
-        # bf16 on GPUs: the encoder's matmuls dominate and bf16 halves their cost.
-        self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        # bf16 where the device computes it natively: the encoder's matmuls dominate (vision.precision).
+        self.autocast_dtype = autocast_dtype(self.device, precision)
+        self.buckets = buckets
+        self.graphs = self._capture_graphs() if cuda_graphs and self.device.type == "cuda" else None
+
+    @property
+    def calibration(self) -> Calibration:
+        return self._calibration
+
+    @calibration.setter
+    def calibration(self, value: Calibration) -> None:
+        old, self._calibration = self._calibration, value
+        if self.graphs is not None and graph_fields(value) != graph_fields(old):
+            self.graphs = self._capture_graphs()
+
+    def _prob_columns(self) -> int:
+        """Class-probability columns in the graphs' rows: as many as classes when they are named."""
+        return self.model.config.head.num_classes if self.calibration.class_names else 0
+
+    def _capture_graphs(self) -> CudaGraphRunner[DefectOutput]:
+        """Graphs of a copy of the model that also pack score, class probabilities and map into one
+        float32 row per image: [score, probs (K), map (S*S)]."""
+        cal, k = self.calibration, self._prob_columns()
+        dtype = self.autocast_dtype or torch.float32
+        model = inference_copy(self.model, dtype)
+        use_memory = cal.score_source in ("memory", "fused") and bool(model.memory.fitted)  # read once, here
+
+        def forward(images: torch.Tensor) -> tuple[torch.Tensor, DefectOutput]:
+            out = model(images, use_memory=use_memory, bank_fitted=use_memory)
+            cols = [image_scores(out, cal)[cal.score_source].float()[:, None]]
+            if k:
+                cols.append(torch.softmax(out.class_logits.float(), 1))
+            cols.append(out.anomaly_map.flatten(1).float())
+            return torch.cat(cols, 1), out
+
+        return CudaGraphRunner(forward, self.input_size, self.device, dtype, self.buckets)
 
     @property
     def threshold(self) -> float:
@@ -99,6 +154,7 @@ class Inspector:
             "class_names": self.class_names,
             "input_size": self.input_size,
             "params": sum(p.numel() for p in self.model.parameters()),
+            "cuda_graphs": list(self.graphs.buckets) if self.graphs is not None else [],
         }
 
     def boxes(self, small_map: np.ndarray, label: str, width: int, height: int) -> list[Box]:
@@ -113,28 +169,33 @@ class Inspector:
     def run_model(self, batch: torch.Tensor) -> DefectOutput:
         """batch (B,3,S,S) float [0,1] on the device -> raw model output."""
         use_memory = self.calibration.score_source in ("memory", "fused")
-        if self.autocast_dtype is not None:
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-                return self.model(batch, use_memory=use_memory)
-        return self.model(batch, use_memory=use_memory)
+        with autocast(self.device, self.autocast_dtype):
+            return self.model(batch, use_memory=use_memory)
 
-    def inspect_batch(self, images: list[np.ndarray], heatmaps: list[bool] | bool = False) -> list[Inspection]:
-        """RGB uint8 (H,W,3) images of any size -> one Inspection each (boxes in input pixels)."""
+    def inspect_batch(self, images: list[np.ndarray], heatmaps: list[bool] | bool = False,
+                      sizes: list[tuple[int, int]] | None = None) -> list[Inspection]:
+        """RGB uint8 (H,W,3) images of any size -> one Inspection each (boxes in input pixels).
+
+        `sizes`: each image's (H, W) as sent, when it was decoded shrunk; heatmaps and boxes are
+        given in those pixels."""
         if not images:
             return []
         want = heatmaps if isinstance(heatmaps, list) else [heatmaps] * len(images)
         t0 = time.perf_counter()
-        batch = to_batch(images, self.input_size, self.device)
-        out = self.run_model(batch)
         cal = self.calibration
-        score = image_scores(out, cal)[cal.score_source].float().cpu().numpy()
-        maps = out.anomaly_map[:, 0].float().cpu().numpy()  # (B, S, S)
-        probs = (torch.softmax(out.class_logits.float(), 1).cpu().numpy()
-                 if out.class_logits is not None and cal.class_names else None)
+        if self.graphs is not None:
+            score, maps, probs = self._run_graphs(images)
+        else:
+            batch = to_batch(images, self.input_size, self.device)
+            out = self.run_model(batch)
+            score = image_scores(out, cal)[cal.score_source].float().cpu().numpy()
+            maps = out.anomaly_map[:, 0].float().cpu().numpy()  # (B, S, S)
+            probs = (torch.softmax(out.class_logits.float(), 1).cpu().numpy()
+                     if out.class_logits is not None and cal.class_names else None)
         t1 = time.perf_counter()
         results = []
         for i, image in enumerate(images):
-            h, w = image.shape[:2]
+            h, w = sizes[i] if sizes is not None else image.shape[:2]
             is_defect = bool(score[i] >= cal.threshold)
             cls_name, cls_prob = "", 0.0
             if probs is not None:
@@ -152,3 +213,22 @@ class Inspector:
         for r in results:
             r.timings_ms.update(model=per_image_model, post=(t2 - t1) * 1000 / len(images))
         return results
+
+    def _run_graphs(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Score (B,), maps (B, S, S) and class probabilities (B, K) or None, through the graphs in
+        chunks of the largest bucket. Graph replays bypass the model's forward hooks, so the hooks
+        are called here with copies of the batch's input and output."""
+        hooks = list(self.model._forward_hooks.values())
+        results = [self.graphs.run(images[part], keep=bool(hooks))
+                   for part in split_batch(len(images), self.graphs.max_batch)]
+        if hooks:
+            inputs, output = results[0].images, results[0].extra
+            if len(results) > 1:
+                inputs, output = cat_rows([r.images for r in results]), cat_rows([r.extra for r in results])
+            for hook in hooks:
+                hook(self.model, (inputs,), output)
+        rows = [r.rows for r in results]
+        table = rows[0] if len(rows) == 1 else np.concatenate(rows)
+        k = self._prob_columns()
+        maps = table[:, 1 + k:].reshape(len(images), self.input_size, self.input_size)
+        return table[:, 0], maps, table[:, 1 : 1 + k] if k else None
