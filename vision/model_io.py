@@ -112,7 +112,12 @@ def load_model_dir(model_dir: str | Path) -> tuple[DefectModel, Calibration, dic
         state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise LineInspectError(f"{weights}: unreadable or truncated weights ({exc}); retrain or restore") from exc
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor's shape differs from what config.json builds
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+        raise LineInspectError(f"{weights}: weights do not match config.json ({detail}); the directory was "
+                               "written by another lineinspect version or edited; retrain") from None
     if missing or unexpected:
         raise LineInspectError(
             f"{weights}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})"

@@ -106,6 +106,13 @@ def test_incomplete_or_foreign_model_dirs_are_refused(tmp_path) -> None:
     (tmp_path / "v" / "config.json").unlink()
     with pytest.raises(LineInspectError, match="config.json"):
         load_inspector(tmp_path / "v")
+    # Weights whose shapes differ from what config.json builds (another version, or an edited config).
+    save_model_dir(tmp_path / "s", small_model(), Calibration())
+    cfg = json.loads((tmp_path / "s" / "config.json").read_text())
+    cfg["model"]["head"]["decoder_channels"] *= 2
+    (tmp_path / "s" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LineInspectError, match="weights do not match config.json .*size mismatch.*retrain"):
+        load_inspector(tmp_path / "s")
 
 
 def test_untrained_inspector_any_image_size() -> None:
