@@ -86,7 +86,7 @@ def build_inspector(args: argparse.Namespace) -> Inspector:
     """The model directory's inspector, or an untrained one of the preset (latency does not
     depend on the weights, except that frames judged defective also get boxes)."""
     if args.model is not None:
-        return load_inspector(args.model, args.device, cuda_graphs=args.cuda_graphs)
+        return load_inspector(args.model, args.device, cuda_graphs=args.cuda_graphs, precision=args.precision)
     return untrained_inspector(args.preset, args.device, cuda_graphs=args.cuda_graphs)
 
 
@@ -316,6 +316,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--preset", default="tiny", help="untrained model of this preset when no --model (default tiny)")
     ap.add_argument("--model", type=Path, help="model directory to serve instead of an untrained preset")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="with --model: inference precision (auto: bf16 where the device computes it natively)")
     ap.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                     help="on CUDA, serve the eager model instead of CUDA graphs (the baseline)")
     ap.add_argument("--streams", type=positive, nargs="+", default=[1, 8], help="stream counts to run (default 1 8)")
@@ -344,7 +346,8 @@ def main() -> None:
                   "device": args.device, "frame": f"{WIDTH}x{HEIGHT} JPEG q{args.jpeg_quality}",
                   "jpeg_kib_mean": float(np.mean([len(j) for j in jpegs]) / 1024), "frames": args.frames,
                   "warmup": args.warmup, "min_batch": config.min_batch, "max_batch": config.max_batch,
-                  "max_delay_ms": config.max_delay_ms, "cuda_graphs": inspector.info()["cuda_graphs"]},
+                  "max_delay_ms": config.max_delay_ms, "cuda_graphs": inspector.info()["cuda_graphs"],
+                  "precision": str(getattr(inspector, "autocast_dtype", None) or "fp32")},
         "machine": machine(),
     }
     loop = LoopThread()

@@ -144,13 +144,15 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_inspector(model_dir: str | Path, device: str = "cpu", cuda_graphs: bool = True) -> Inspector:
-    """The model directory's Inspector; on CUDA it runs from CUDA graphs unless `cuda_graphs` is off."""
+def load_inspector(model_dir: str | Path, device: str = "cpu", cuda_graphs: bool = True,
+                   precision: str = "auto") -> Inspector:
+    """The model directory's Inspector; on CUDA it runs from CUDA graphs unless `cuda_graphs` is off.
+    `precision` as in `vision.precision` (auto: bf16 where the device computes it natively)."""
     model, calibration, config = load_model_dir(model_dir)
     device = resolve_device(device)
     if "quantization" not in config:
         return Inspector(model, calibration, device, preset=config["model"]["encoder"]["preset"],
-                         cuda_graphs=cuda_graphs)
+                         cuda_graphs=cuda_graphs, precision=precision)
     # int8 (vision.int8) is a CPU format. Its kernels take fp32, and bf16 autocast around them added
     # casts and was slower (s14 b1: 284 vs 179 ms, contended 2-core CPU), so the other layers stay fp32;
     # on GPUs it runs dequantised and eager (the CUDA graph path rebuilds a float model).

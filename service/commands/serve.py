@@ -24,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0 = any free port)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto (default): bf16 on GPUs and on CPUs with native bf16, fp32 elsewhere")
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                    help="on CUDA, run the model eagerly instead of from CUDA graphs captured at start-up")
     p.add_argument("--max-batch", type=int, default=64, help="most images per model call (default 64)")
@@ -76,6 +78,6 @@ def run(args: argparse.Namespace) -> int:
             model_dir = ensure_default_model()
         else:
             model_dir = config.model_dir
-        inspector = load_inspector(model_dir, args.device, cuda_graphs=args.cuda_graphs)
+        inspector = load_inspector(model_dir, args.device, cuda_graphs=args.cuda_graphs, precision=args.precision)
     serve(config, inspector)
     return 0
