@@ -55,6 +55,7 @@ from lineinspect.moe_lm.moe import MoEBlock
 from lineinspect.moe_lm.report_model import EvidenceConfig, ReportModel, evidence_tokens, language_config
 from lineinspect.training.defects import DEFECT_TYPES, render_defect
 from lineinspect.training.surfaces import SURFACES, make_surface
+from lineinspect.vision.cuda_graphs import capture_graph
 from lineinspect.vision.defect_model import DefectModel, DefectModelConfig
 from lineinspect.vision.encoder import preset as encoder_preset
 from lineinspect.vision.fp8 import Fp8Linear, convert_linears_to_fp8, quantize
@@ -190,24 +191,6 @@ def first_tensor(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out[0]
 
 
-def capture(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
-    """A CUDA graph of fn (which reads static input buffers) and its static output.
-
-    Each capture gets a stream of its own, so a capture that fails (fn synchronising with the
-    host, say) leaves nothing behind that a later capture would share.
-    """
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
-        out = fn()
-    return graph, out
-
-
 def forward_entry(fn: Fn, x: torch.Tensor, device: torch.device, plan: Plan, flops_per_item: float | None,
                   graph: bool = False, per: str = "img") -> dict:
     """Time fn(x), eagerly or replayed from a CUDA graph: throughput per image (or token: per="tok")
@@ -215,7 +198,7 @@ def forward_entry(fn: Fn, x: torch.Tensor, device: torch.device, plan: Plan, flo
     extra = {}
     call: Callable[[], Any] = lambda: fn(x)  # noqa: E731
     if graph:
-        cuda_graph, static_out = capture(call)
+        cuda_graph, static_out = capture_graph(call, device)
         cuda_graph.replay()
         diff = first_tensor(static_out).float() - first_tensor(fn(x)).float()
         extra["graph_vs_eager_max_abs"] = float(diff.abs().max())

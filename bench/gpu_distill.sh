@@ -3,14 +3,8 @@
 # machine: an l14 teacher, an s14 trained alone (the control) and an s14 distilled from the teacher
 # on the synthetic line, an s14 on NEU-DET; then each s14 quantised to int8 and evaluated on the
 # machine's CPU (where int8 runs). Every eval's JSON line lands in $OUT/evals.jsonl as it arrives.
-set -u
-export PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_setup.sh"
 B=${BUDGET:-180}
-log() { echo "$(date +%T) $*" | tee -a "$OUT/log.txt"; }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site
-timeout 120 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT/pip.txt" 2>&1
-log installed
 R=runs/distill; mkdir -p $R
 lineinspect synth --out $R/metal1 --n 200 --seed 1 --surface metal > /dev/null &
 lineinspect synth --out $R/metal2 --n 200 --seed 2 --surface metal > /dev/null &

@@ -2,15 +2,7 @@
 # One device call for the foundation issue: l14 training steps, GPU-trained accuracy on the
 # synthetic line and on NEU-DET, and a CPU-core sweep of tiny variants (2 threads each).
 # Run from the repo root on the GPU machine; every result is appended to $OUT as it arrives.
-set -u
-export PYTHONUNBUFFERED=1
-log() { echo "$(date +%T) $*" | tee -a "$OUT/log.txt"; }
-log start
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site
-timeout 120 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT/pip.txt" 2>&1
-log installed
-python3 -c "import torch, timm, google.protobuf, grpc; print('torch', torch.__version__, 'timm', timm.__version__, 'protobuf', google.protobuf.__version__, 'grpc', grpc.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/log.txt"
+source "$(dirname "$0")/gpu_setup.sh"
 R=runs/gpu1; mkdir -p $R
 lineinspect synth --out $R/metal1 --n 200 --seed 1 --surface metal > /dev/null &
 lineinspect synth --out $R/metal2 --n 200 --seed 2 --surface metal > /dev/null &

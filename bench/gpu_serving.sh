@@ -2,16 +2,8 @@
 # One device call for issue 5's GPU serving targets, run from the repo root on the GPU machine:
 # CUDA-only tests, bench/gpu.py (every GPU measurement), then l14 over gRPC with the Inspector's
 # CUDA graphs against its eager path (the baseline) in the same call. Results land in $OUT as
-# they arrive. Needs the cp312 wheels in .whl/ (see bench/RESULTS.md, "GPU machine set-up").
-set -u
-export PYTHONUNBUFFERED=1
-log() { echo "$(date +%T) $*" | tee -a "$OUT/log.txt"; }
-log start
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site
-timeout 120 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT/pip.txt" 2>&1
-python3 -c "import torch, timm, google.protobuf, grpc; print('torch', torch.__version__, 'timm', timm.__version__, 'protobuf', google.protobuf.__version__, 'grpc', grpc.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/log.txt"
-log installed
+# they arrive. Needs the cp312 wheels in .whl/ (bench/gpu_setup.sh installs them).
+source "$(dirname "$0")/gpu_setup.sh"
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/vision/test_cuda_graphs.py tests/moe_lm/test_experts.py \
   tests/vision/test_fp8.py > "$OUT/gpu_tests.txt" 2>&1; tail -3 "$OUT/gpu_tests.txt" | tee -a "$OUT/log.txt"
 log tests done

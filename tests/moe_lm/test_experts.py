@@ -11,6 +11,7 @@ from lineinspect.errors import LineInspectError
 from lineinspect.moe_lm.config import preset
 from lineinspect.moe_lm.experts import grouped_mm_supported
 from lineinspect.moe_lm.moe import MoEBlock, expert_capacity
+from lineinspect.vision.cuda_graphs import capture_graph
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -124,14 +125,7 @@ def test_block_replays_from_a_cuda_graph() -> None:
     if block.experts.resolve_impl(x) != "grouped_mm":
         pytest.skip("torch._grouped_mm does not run on this GPU")
     with torch.no_grad():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
-            block(x)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out, static_stats = block(x)
+        graph, (static_out, static_stats) = capture_graph(lambda: block(x), x.device)
         x.copy_(torch.randn_like(x))
         graph.replay()
         out, stats = block(x)
