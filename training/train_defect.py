@@ -59,6 +59,7 @@ class TrainConfig:
     patch_size: int | None = None  # override the preset's patch size
     stem_channels: tuple[int, int, int] | None = None  # override the head's pixel-branch widths
     decoder_channels: int | None = None  # override the head's decoder width
+    bandpass: bool = True  # the head also sees the image's Laplacian-pyramid bands (vision.bandpass)
     device: str = "cpu"
     seed: int = 0
     time_budget: float | None = None  # seconds for the whole command; phases end cleanly inside it
@@ -138,7 +139,7 @@ class Trainer:
         head = {k: v for k, v in (("stem_channels", self.cfg.stem_channels),
                                   ("decoder_channels", self.cfg.decoder_channels)) if v}
         self.model = DefectModel(DefectModelConfig(
-            enc, HeadConfig(num_classes=len(self.class_names), **head), memory_bank_size=self.cfg.memory_bank_size,
+            enc, HeadConfig(num_classes=len(self.class_names), bandpass=self.cfg.bandpass, **head), memory_bank_size=self.cfg.memory_bank_size,
         ))
         if pretrained is not None:
             self.model.encoder.load_state_dict(pretrained.state_dict())

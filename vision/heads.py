@@ -8,7 +8,9 @@ predicts a per-pixel defect logit map, an image-level defect logit and class log
 With `self_similarity` on, the head also measures how unlike the rest of its own image each
 1/8-resolution location is (`vision.self_similarity`) and feeds that novelty to the decoder and
 the image logit: a strong, texture-independent cue that the head can learn to trust in far
-fewer steps than it needs to learn "defect" from pixels alone.
+fewer steps than it needs to learn "defect" from pixels alone. With `bandpass` on, it also gets
+the image's Laplacian-pyramid bands and their novelty (`vision.bandpass`): soft defects tens of
+pixels across, like dents, that a few minutes of training do not teach the pixel branch to see.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lineinspect.vision.bandpass import BANDPASS_CHANNELS, bandpass_features
 from lineinspect.vision.self_similarity import self_similarity_map
 
 
@@ -32,6 +35,9 @@ class HeadConfig:
     # "mask": class evidence pooled where the map sees the defect, plus that region's shape and
     # appearance (region_stats); "mean": pooled over the whole image (model directories before it)
     class_pooling: str = "mask"
+    # Laplacian-pyramid bands of the image and their self-similarity novelty at 1/8 resolution
+    # (vision.bandpass): soft, large defects such as dents that the pixel branch sees too locally
+    bandpass: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -42,6 +48,7 @@ class HeadConfig:
         data["stem_channels"] = tuple(data["stem_channels"])
         data.setdefault("self_similarity", False)  # model directories written before it existed
         data.setdefault("class_pooling", "mean")
+        data.setdefault("bandpass", False)
         return cls(**data)
 
 
@@ -132,8 +139,9 @@ class DefectHead(nn.Module):
         self.vit_proj = nn.Sequential(
             nn.Conv2d(vit_dim * n_vit_layers, d, 1, bias=False), nn.BatchNorm2d(d), nn.GELU()
         )
-        extra = 1 if config.self_similarity else 0
-        self.fuse8 = nn.Sequential(conv_block(d + c3 + extra, d), conv_block(d, d))
+        extra = (1 if config.self_similarity else 0) + (1 if config.bandpass else 0)  # novelty maps
+        bands = BANDPASS_CHANNELS if config.bandpass else 0
+        self.fuse8 = nn.Sequential(conv_block(d + c3 + extra + bands, d), conv_block(d, d))
         self.fuse4 = nn.Sequential(conv_block(d + c2, d), conv_block(d, d))
         # The half-resolution stage is the costliest per channel: squeeze before fusing there.
         self.squeeze2 = nn.Conv2d(d, c1, 1)
@@ -162,6 +170,12 @@ class DefectHead(nn.Module):
         novelty = self_similarity_map(f8) if self.config.self_similarity else None
         if novelty is not None:
             at8.append(novelty.log().to(f8.dtype))
+        band_novelty = None
+        if self.config.bandpass:
+            with torch.autocast(images.device.type, enabled=False):  # faint shading needs fp32
+                bands = bandpass_features(images, f8.shape[-2:])
+                band_novelty = self_similarity_map(bands)
+            at8 += [bands.to(f8.dtype), band_novelty.log().to(f8.dtype)]
         x8 = self.fuse8(torch.cat(at8, 1))
         x = self.fuse4(torch.cat([F.interpolate(x8, size=f4.shape[-2:], mode="bilinear"), f4], 1))
         x = F.interpolate(self.squeeze2(x), size=f2.shape[-2:], mode="bilinear")
@@ -173,6 +187,8 @@ class DefectHead(nn.Module):
         stats = [peak.max(1).values, mask_logits.flatten(1).mean(1)]
         if novelty is not None:
             stats.append(novelty.flatten(1).amax(1).log().to(peak.dtype))
+        if band_novelty is not None:
+            stats.append(band_novelty.flatten(1).amax(1).log().to(peak.dtype))
         image_logit = self.image_out(torch.cat([pooled, torch.stack(stats, 1)], 1)).squeeze(1)
         class_logits = None
         if self.class_out is not None:
