@@ -26,6 +26,7 @@ class ImageCache:
     has_mask: torch.Tensor  # (N,) bool: pixel target known (good images: yes, all zero)
     classes: torch.Tensor  # (N,) long class index, -1 when unknown or good
     samples: list[Sample]
+    boxes: list[np.ndarray]  # per image (G, 4) labelled boxes x0, y0, x1, y1 in cache pixels; (0, 4) if none
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -33,12 +34,12 @@ class ImageCache:
     def to(self, device: torch.device) -> ImageCache:
         """Keep the tensors on `device` (a GPU holds a line's few hundred images easily)."""
         return ImageCache(self.images.to(device), self.masks.to(device), self.is_defect.to(device),
-                          self.has_mask.to(device), self.classes.to(device), self.samples)
+                          self.has_mask.to(device), self.classes.to(device), self.samples, self.boxes)
 
     def subset(self, idx: list[int]) -> ImageCache:
         t = torch.as_tensor(idx, dtype=torch.long)
         return ImageCache(self.images[t], self.masks[t], self.is_defect[t], self.has_mask[t], self.classes[t],
-                          [self.samples[i] for i in idx])
+                          [self.samples[i] for i in idx], [self.boxes[i] for i in idx])
 
 
 def load_cache(samples: list[Sample], size: int, class_names: list[str], desc: str = "loading") -> ImageCache:
@@ -48,9 +49,13 @@ def load_cache(samples: list[Sample], size: int, class_names: list[str], desc: s
     has_mask = np.zeros(n, bool)
     classes = np.full(n, -1, np.int64)
     index = {c: i for i, c in enumerate(class_names)}
+    boxes = []
     for i, s in enumerate(tqdm(samples, desc=desc, unit="img", leave=False, disable=None)):
         image = s.load_image()
         images[i] = resize_rgb(image, size)
+        h, w = image.shape[:2]
+        boxes.append(np.array([(x0 * size / w, y0 * size / h, x1 * size / w, y1 * size / h)
+                               for x0, y0, x1, y1 in s.boxes], np.float64).reshape(-1, 4))
         mask = s.load_mask(image.shape[:2])
         if mask is not None:
             masks[i] = cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
@@ -64,6 +69,7 @@ def load_cache(samples: list[Sample], size: int, class_names: list[str], desc: s
         has_mask=torch.from_numpy(has_mask),
         classes=torch.from_numpy(classes),
         samples=list(samples),
+        boxes=boxes,
     )
 
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from lineinspect.errors import LineInspectError
 from lineinspect.training.anomaly_synthesis import synthesize_defects
+from lineinspect.training.box_calibration import choose_box_levels
 from lineinspect.training.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from lineinspect.training.data_cache import load_cache, validation_split
 from lineinspect.training.datasets import Dataset
@@ -405,8 +406,15 @@ class Trainer:
         if 0 < pix_labels.sum() < len(pix_labels):
             pixel_threshold, pf1 = f1_optimal_threshold(pix_scores, pix_labels)
             notes["val_pixel_f1"] = round(pf1, 4)
-        return replace(base, score_source=source, threshold=float(threshold),
-                       pixel_threshold=float(max(pixel_threshold, 0.05)), notes=notes)
+        calibration = replace(base, score_source=source, threshold=float(threshold),
+                              pixel_threshold=float(max(pixel_threshold, 0.05)), notes=notes)
+        cache = self.val_cache if self.val_cache is not None else self.train_cache
+        if any(len(b) for b in cache.boxes):  # labelled boxes: cut boxes the way they are labelled
+            real = maps[: len(cache), 0].numpy()  # validation_set puts the real images first
+            fields, box_notes = choose_box_levels(real, cache.boxes, calibration.pixel_threshold,
+                                                  max(4, int(calibration.min_box_area * self.size ** 2)))
+            calibration = replace(calibration, **fields, notes={**notes, **box_notes})
+        return calibration
 
     def fit_and_save(self) -> Path:
         t = time.monotonic()

@@ -20,7 +20,7 @@ import torch
 from lineinspect import __version__
 from lineinspect.vision.cuda_graphs import BUCKETS, CudaGraphRunner, cat_rows, inference_copy, split_batch
 from lineinspect.vision.defect_model import DefectModel, DefectOutput
-from lineinspect.vision.postprocess import boxes_from_map, scale_boxes, upsample_map
+from lineinspect.vision.postprocess import boxes_at_levels, scale_boxes, upsample_map
 from lineinspect.vision.precision import autocast, autocast_dtype
 from lineinspect.vision.preprocess import to_batch
 from lineinspect.vision.result import Box, Inspection
@@ -38,7 +38,9 @@ class Calibration:
     novelty_mean: float = 1.0  # good-image statistics of the peak self-similarity novelty
     novelty_std: float = 1.0
     min_box_area: float = 0.0005  # fraction of the image; smaller regions are not boxed
-    seed_fraction: float = 0.45  # defect cores: pixel threshold + this share of the way to 1
+    seed_fraction: float = 0.45  # defect cores: a level's threshold + this share of the way to 1
+    # a second, looser level for boxes: faint defects the pixel threshold misses (chosen on labelled boxes)
+    box_lower_threshold: float | None = None
     class_names: tuple[str, ...] = ()
     notes: dict = field(default_factory=dict)  # validation figures behind the choice
 
@@ -48,9 +50,10 @@ class Calibration:
         return d
 
     @property
-    def seed_threshold(self) -> float:
-        """Map level of a defect's core: regions holding several cores get a box per core."""
-        return self.pixel_threshold + self.seed_fraction * (1.0 - self.pixel_threshold)
+    def box_levels(self) -> list[float]:
+        """The anomaly-map levels that boxes are cut at, strictest first."""
+        lower = self.box_lower_threshold
+        return [self.pixel_threshold] + ([lower] if lower is not None and lower < self.pixel_threshold else [])
 
     @classmethod
     def from_dict(cls, data: dict) -> Calibration:
@@ -161,8 +164,8 @@ class Inspector:
         """Boxes found on the model-resolution map, in input pixels (cheaper than at full size)."""
         cal = self.calibration
         size = small_map.shape[0]
-        found = boxes_from_map(small_map, cal.pixel_threshold, min_area=max(4, int(cal.min_box_area * size * size)),
-                               label=label, seed_threshold=cal.seed_threshold)
+        found = boxes_at_levels(small_map, cal.box_levels, cal.seed_fraction,
+                                min_area=max(4, int(cal.min_box_area * size * size)), label=label)
         return scale_boxes(found, width / small_map.shape[1], height / size, width, height)
 
     @torch.inference_mode()

@@ -13,7 +13,9 @@ import numpy as np
 
 from lineinspect.vision.result import Box
 
-__all__ = ["box_iou", "boxes_from_map", "merge_overlapping", "scale_boxes", "smooth_map", "split_at_seeds",
+LEVEL_OVERLAP = 0.3  # a lower level's box this close to a kept one is the same defect, loosely cut
+
+__all__ = ["box_iou", "boxes_at_levels", "boxes_from_map", "scale_boxes", "smooth_map", "split_at_seeds",
            "upsample_map"]
 
 
@@ -161,29 +163,27 @@ def box_iou(a: np.ndarray | Sequence, b: np.ndarray | Sequence) -> np.ndarray:
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
-def merge_overlapping(boxes: Sequence[Box], iou: float = 0.5) -> list[Box]:
-    """Merge same-label boxes whose IoU is >= `iou` into their union (score = the larger one).
-
-    Boxes of one connected-component pass rarely overlap this much; this is for boxes pooled
-    from several maps (per-class channels, tiles) where one defect would otherwise count once
-    as a hit and again as a false positive in mAP. Repeats until no pair qualifies; sorted by
-    score descending.
+def boxes_at_levels(
+    anomaly_map: np.ndarray,
+    thresholds: Sequence[float],
+    seed_fraction: float,
+    min_area: int = 16,
+    max_boxes: int = 32,
+    label: str = "",
+    overlap: float = LEVEL_OVERLAP,
+) -> list[Box]:
+    """`boxes_from_map` at several thresholds, strictest first, each split at cores
+    (``t + seed_fraction * (1 - t)``). A box from a lower level joins only where it overlaps every
+    box kept so far by IoU < `overlap`: a faint defect the strict level missed gets a box, a defect
+    already boxed does not get a second, looser one. Sorted by score descending, cut to `max_boxes`.
     """
-    merged = sorted(boxes, key=lambda b: (-b.score, b.y0, b.x0))
-    changed = True
-    while changed and len(merged) > 1:
-        changed = False
-        ious = box_iou([(b.x0, b.y0, b.x1, b.y1) for b in merged], [(b.x0, b.y0, b.x1, b.y1) for b in merged])
-        for i in range(len(merged)):
-            for j in range(i + 1, len(merged)):
-                a, c = merged[i], merged[j]
-                if a.label == c.label and ious[i, j] >= iou:
-                    # i comes first, so it has the higher (or equal) score and keeps its place.
-                    merged[i] = Box(min(a.x0, c.x0), min(a.y0, c.y0), max(a.x1, c.x1), max(a.y1, c.y1),
-                                    score=max(a.score, c.score), label=a.label)
-                    del merged[j]
-                    changed = True
-                    break
-            if changed:
-                break
-    return merged
+    kept: list[Box] = []
+    for t in sorted(thresholds, reverse=True):
+        found = boxes_from_map(anomaly_map, t, min_area=min_area, max_boxes=max_boxes, label=label,
+                               seed_threshold=t + seed_fraction * (1.0 - t))
+        if kept and found:
+            iou = box_iou([(b.x0, b.y0, b.x1, b.y1) for b in found], [(b.x0, b.y0, b.x1, b.y1) for b in kept])
+            found = [b for b, worst in zip(found, iou.max(axis=1)) if worst < overlap]
+        kept += found
+    kept.sort(key=lambda b: (-b.score, b.y0, b.x0))
+    return kept[:max_boxes]

@@ -7,8 +7,8 @@ import pytest
 
 from lineinspect.vision.postprocess import (
     box_iou,
+    boxes_at_levels,
     boxes_from_map,
-    merge_overlapping,
     scale_boxes,
     smooth_map,
     upsample_map,
@@ -81,15 +81,18 @@ def test_box_iou_is_shared_with_metrics() -> None:
     assert box_iou([[0, 0, 10, 10]], [[5, 5, 15, 15]])[0, 0] == pytest.approx(25 / 175)
 
 
-def test_merge_overlapping() -> None:
-    a = Box(0, 0, 10, 10, 0.9, "scratch")
-    b = Box(0, 2, 10, 12, 0.6, "scratch")  # IoU 80 / 120 = 2/3 with a
-    c = Box(0, 0, 10, 10, 0.8, "dent")  # same place, other class: kept apart
-    d = Box(30, 30, 40, 40, 0.5, "scratch")  # no overlap
-    merged = merge_overlapping([b, d, c, a], iou=0.5)
-    assert merged == [Box(0, 0, 10, 12, 0.9, "scratch"), c, d]
-    assert merge_overlapping([a, b], iou=0.7) == [a, b]  # 2/3 < 0.7
-    assert merge_overlapping([]) == []
+def test_lower_level_adds_only_the_faint_defect() -> None:
+    m = np.zeros((40, 60), np.float32)
+    m[5:15, 5:15] = 0.9  # a strong defect, its soft rim at 0.35
+    m[3:17, 3:17] = np.maximum(m[3:17, 3:17], 0.35)
+    m[25:33, 40:50] = 0.4  # a faint one
+    strict = boxes_at_levels(m, [0.6], seed_fraction=0.45, min_area=4)
+    assert [(b.x0, b.y0, b.x1, b.y1) for b in strict] == [(5, 5, 15, 15)]
+    both = boxes_at_levels(m, [0.3, 0.6], seed_fraction=0.45, min_area=4, label="x")
+    # the strong one keeps its strict box (its looser 3..17 box is the same defect); the faint one joins
+    assert [(b.x0, b.y0, b.x1, b.y1, b.label) for b in both] == [(5, 5, 15, 15, "x"), (40, 25, 50, 33, "x")]
+    assert both[1].score == pytest.approx(0.4)
+    assert boxes_at_levels(m, [0.3, 0.6], seed_fraction=0.45, min_area=4, max_boxes=1, label="x") == both[:1]
 
 
 def test_touching_defects_split_at_their_cores() -> None:

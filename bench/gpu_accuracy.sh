@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One device call for issue 2's GPU accuracy figures with the band-pass head, from the repo root on
+# the GPU machine: s14 on NEU-DET, s14 on the synthetic metal line, and s14 on the same line with
+# generic pasting only (all seven defect types unseen), three trainings sharing the H200.
+# Every eval's JSON line lands in $OUT/evals.jsonl as it arrives.
+source "$(dirname "$0")/gpu_setup.sh"
+B=${BUDGET:-300}
+R=runs/accuracy; mkdir -p $R
+lineinspect synth --out $R/metal1 --n 200 --seed 1 --surface metal > /dev/null &
+lineinspect synth --out $R/metal2 --n 200 --seed 2 --surface metal > /dev/null &
+wait
+log synth done
+run() {  # name train_data test_data extra-train-args...
+  local name=$1 data=$2 test=$3; shift 3
+  timeout $((B + 150)) lineinspect train --data $data --preset s14 --device cuda --time-budget $B --out $R/$name "$@" \
+    2> $R/$name.log | tail -1 >> "$OUT/train.jsonl"
+  log "train $name done"
+  echo "{\"run\": \"$name\", \"result\": $(lineinspect eval --model $R/$name --data $test --device cuda --json 2>>$R/eval.log | tail -1)}" \
+    >> "$OUT/evals.jsonl"
+  log "eval $name done"
+}
+run s14_neu .gpu_data/neu-det .gpu_data/neu-det &
+run s14_metal $R/metal1 $R/metal2 &
+run s14_metal_unseen $R/metal1 $R/metal2 --paste-types none &
+wait
+tail -n 5 $R/*.log > "$OUT/train_logs.txt" 2>&1
+log done
