@@ -21,6 +21,8 @@ def fractal_noise(b: int, size: int, generator: torch.Generator, device: torch.d
                   octaves: tuple[int, ...] = (2, 4, 8, 16)) -> torch.Tensor:
     """Smooth value noise (B, 1, size, size), roughly zero mean, unit scale."""
     out = torch.zeros(b, 1, size, size, device=device)
+    if b == 0:  # a batch without good images (a fully labelled line) pastes nothing
+        return out
     for i, cells in enumerate(octaves):
         grid = torch.randn(b, 1, cells + 1, cells + 1, generator=generator, device="cpu").to(device)
         out += F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=True) / (1.6**i)

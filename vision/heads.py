@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lineinspect.vision.bandpass import BANDPASS_CHANNELS, bandpass_features
+from lineinspect.vision.bandpass import BANDPASS_CHANNELS, BandPass
 from lineinspect.vision.self_similarity import self_similarity_map
 
 
@@ -141,6 +141,7 @@ class DefectHead(nn.Module):
         )
         extra = (1 if config.self_similarity else 0) + (1 if config.bandpass else 0)  # novelty maps
         bands = BANDPASS_CHANNELS if config.bandpass else 0
+        self.bandpass = BandPass() if config.bandpass else None
         self.fuse8 = nn.Sequential(conv_block(d + c3 + extra + bands, d), conv_block(d, d))
         self.fuse4 = nn.Sequential(conv_block(d + c2, d), conv_block(d, d))
         # The half-resolution stage is the costliest per channel: squeeze before fusing there.
@@ -171,9 +172,9 @@ class DefectHead(nn.Module):
         if novelty is not None:
             at8.append(novelty.log().to(f8.dtype))
         band_novelty = None
-        if self.config.bandpass:
+        if self.bandpass is not None:
             with torch.autocast(images.device.type, enabled=False):  # faint shading needs fp32
-                bands = bandpass_features(images, f8.shape[-2:])
+                bands = self.bandpass(images, f8.shape[-2:])
                 band_novelty = self_similarity_map(bands)
             at8 += [bands.to(f8.dtype), band_novelty.log().to(f8.dtype)]
         x8 = self.fuse8(torch.cat(at8, 1))

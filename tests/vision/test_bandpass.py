@@ -51,3 +51,9 @@ def test_head_with_and_without_bands_and_old_configs_load_without() -> None:
     old = HeadConfig(num_classes=2).to_dict()
     del old["bandpass"]  # a model directory written before band-pass features existed
     assert HeadConfig.from_dict(old).bandpass is False
+
+
+def test_the_kernel_moves_with_the_model_but_is_not_saved() -> None:
+    model = DefectModel(DefectModelConfig(preset("tiny", img_size=64), HeadConfig(num_classes=0), memory_bank_size=8))
+    assert not any("bandpass" in k for k in model.state_dict())  # model directories stay as they were
+    assert model.to(torch.float64).head.bandpass.kernel.dtype == torch.float64
