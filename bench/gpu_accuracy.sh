@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call for issue 2's GPU accuracy figures with the band-pass head, from the repo root on
 # the GPU machine: s14 on NEU-DET, s14 on the synthetic metal line, and s14 on the same line with
-# generic pasting only (all seven defect types unseen), three trainings sharing the H200.
+# generic pasting only (all seven defect types unseen), three trainings sharing the H200
+# (BUDGET=seconds per training, RUNS=a subset of the three names).
 # Every eval's JSON line lands in $OUT/evals.jsonl as it arrives.
 source "$(dirname "$0")/gpu_setup.sh"
 B=${BUDGET:-300}
@@ -19,9 +20,14 @@ run() {  # name train_data test_data extra-train-args...
     >> "$OUT/evals.jsonl"
   log "eval $name done"
 }
-run s14_neu .gpu_data/neu-det .gpu_data/neu-det &
-run s14_metal $R/metal1 $R/metal2 &
-run s14_metal_unseen $R/metal1 $R/metal2 --paste-types none &
+RUNS=${RUNS:-"s14_neu s14_metal s14_metal_unseen"}  # which of the three to train
+for name in $RUNS; do
+  case $name in
+    s14_neu) run s14_neu .gpu_data/neu-det .gpu_data/neu-det & ;;
+    s14_metal) run s14_metal $R/metal1 $R/metal2 & ;;
+    s14_metal_unseen) run s14_metal_unseen $R/metal1 $R/metal2 --paste-types none & ;;
+  esac
+done
 wait
 tail -n 5 $R/*.log > "$OUT/train_logs.txt" 2>&1
 log done
