@@ -49,6 +49,7 @@ from lineinspect.training.defects import DEFECT_TYPES, render_defect
 from lineinspect.training.surfaces import SURFACES, make_surface
 from lineinspect.v1 import inspection_pb2 as pb
 from lineinspect.v1 import inspection_pb2_grpc as pb_grpc
+from lineinspect.vision.cpu_threads import single_threaded
 from lineinspect.vision.inspector import Inspector
 from lineinspect.vision.model_io import load_inspector, untrained_inspector
 
@@ -84,10 +85,12 @@ def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
 
 def build_inspector(args: argparse.Namespace) -> Inspector:
     """The model directory's inspector, or an untrained one of the preset (latency does not
-    depend on the weights, except that frames judged defective also get boxes)."""
-    if args.model is not None:
-        return load_inspector(args.model, args.device, cuda_graphs=args.cuda_graphs, precision=args.precision)
-    return untrained_inspector(args.preset, args.device, cuda_graphs=args.cuda_graphs)
+    depend on the weights, except that frames judged defective also get boxes). Loaded without
+    starting CPU threads here: the server's worker thread owns them, as in `lineinspect serve`."""
+    with single_threaded():
+        if args.model is not None:
+            return load_inspector(args.model, args.device, cuda_graphs=args.cuda_graphs, precision=args.precision)
+        return untrained_inspector(args.preset, args.device, cuda_graphs=args.cuda_graphs)
 
 
 # ------------------------------------------------------------------------------ statistics
@@ -337,7 +340,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     inspector = build_inspector(args)
-    frames = render_frames(args.distinct_frames, args.seed)
+    with single_threaded():
+        frames = render_frames(args.distinct_frames, args.seed)
     jpegs = [encode_jpeg(f, args.jpeg_quality) for f in frames]
     config = ServerConfig(port=0, device=args.device, min_batch=min(args.min_batch, args.max_batch),
                           max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, grace_s=2.0)
@@ -353,7 +357,9 @@ def main() -> None:
     loop = LoopThread()
     running: RunningServer = loop.run(start_server(config, inspector))
     try:
-        results["model"] = bench_model(inspector, frames, args.frames, args.warmup)
+        # on the server's worker thread, the one thread that runs the model (vision.cpu_threads)
+        results["model"] = loop.run(running.engine.batcher.run_on_worker(
+            bench_model, inspector, frames, args.frames, args.warmup))
         results["engine"] = bench_engine(loop, running.engine, jpegs, args.frames, args.warmup)
         results["grpc"] = {str(s): bench_grpc(running.port, jpegs, s, args.frames, args.warmup)
                            for s in args.streams}

@@ -192,6 +192,13 @@ class Batcher(Generic[T, R]):
             self._prepare_pool = ThreadPoolExecutor(2, thread_name_prefix=f"{self._name}-prepare")
         self._task = asyncio.create_task(self._collect(), name=f"{self._name}-collector")
 
+    async def run_on_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) on the thread that runs the batches (model warm-up: one thread owns the model's
+        CPU threads, `vision.cpu_threads`)."""
+        if self._worker is None:
+            raise RuntimeError("batcher not started")
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
     def drain(self) -> None:
         """Refuse new items from now on; queued items are dispatched without delay."""
         self._closing = True

@@ -196,13 +196,12 @@ class InspectionEngine:
     async def start(self, warmup: bool = True) -> None:
         """Start the batcher; with `warmup`, run one small batch first so the first request
         does not pay for lazy initialisation."""
-        if warmup:
+        await self.batcher.start()
+        if warmup:  # on the batches' own thread: it owns the process's OpenMP team (vision.cpu_threads)
             t0 = time.perf_counter()
             blank = np.zeros((32, 32, 3), np.uint8)
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._pool, self.inspector.inspect_batch, [blank])
+            await self.batcher.run_on_worker(self.inspector.inspect_batch, [blank])
             log.info("model warm", extra={"warmup_ms": round((time.perf_counter() - t0) * 1000, 1)})
-        await self.batcher.start()
 
     def drain(self) -> None:
         """Refuse new work (ShuttingDown); queued work still runs."""

@@ -249,11 +249,13 @@ def serve(config: ServerConfig, inspector: InspectorLike | None = None) -> None:
     """Blocking entry point for the CLI: load the model (unless given) and serve."""
     configure_logging()
     if inspector is None:
+        from lineinspect.vision.cpu_threads import single_threaded
         from lineinspect.vision.model_io import load_inspector
 
         if config.model_dir is None:
             raise LineInspectError("serve: no model directory given")
-        inspector = load_inspector(config.model_dir, config.device)
+        with single_threaded():  # the batcher's worker thread owns the OpenMP team (vision.cpu_threads)
+            inspector = load_inspector(config.model_dir, config.device)
     language = None
     if config.model_dir is not None and getattr(inspector, "model", None) is not None:
         from lineinspect.moe_lm.report_model import has_language

@@ -65,19 +65,21 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 def run(args: argparse.Namespace) -> int:
     from lineinspect.service.server import configure_logging, serve
+    from lineinspect.vision.cpu_threads import single_threaded
     from lineinspect.vision.model_io import load_inspector, untrained_inspector
 
     config = config_from_args(args)
     configure_logging()
-    if args.untrained is not None:
-        inspector = untrained_inspector(args.untrained, args.device, cuda_graphs=args.cuda_graphs)
-    else:
-        if config.model_dir is None:
-            from lineinspect.service.defaults import ensure_default_model
+    model_dir = config.model_dir
+    if model_dir is None and args.untrained is None:
+        from lineinspect.service.defaults import ensure_default_model
 
-            model_dir = ensure_default_model()
+        model_dir = ensure_default_model()
+    with single_threaded():  # the batcher's worker thread owns the process's OpenMP team (vision.cpu_threads)
+        if args.untrained is not None:
+            inspector = untrained_inspector(args.untrained, args.device, cuda_graphs=args.cuda_graphs)
         else:
-            model_dir = config.model_dir
-        inspector = load_inspector(model_dir, args.device, cuda_graphs=args.cuda_graphs, precision=args.precision)
+            inspector = load_inspector(model_dir, args.device, cuda_graphs=args.cuda_graphs,
+                                       precision=args.precision)
     serve(config, inspector)
     return 0

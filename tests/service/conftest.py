@@ -63,13 +63,13 @@ ServerFactory = Callable[..., RunningServer]
 
 @pytest.fixture(scope="module")
 def server_factory(aio_loop: LoopThread, tiny_inspector) -> Iterator[ServerFactory]:
-    """`server_factory(**config_overrides)` starts a real server on a free port; all are
-    stopped when the module ends."""
+    """`server_factory(inspector=None, warmup=False, **config_overrides)` starts a real server on a
+    free port; all are stopped when the module ends."""
     started: list[RunningServer] = []
 
-    def make(inspector=None, **overrides: Any) -> RunningServer:
+    def make(inspector=None, warmup: bool = False, **overrides: Any) -> RunningServer:
         config = ServerConfig(port=0, grace_s=2.0, **overrides)
-        running = aio_loop.run(start_server(config, inspector or tiny_inspector, warmup=False))
+        running = aio_loop.run(start_server(config, inspector or tiny_inspector, warmup=warmup))
         started.append(running)
         return running
 

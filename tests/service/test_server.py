@@ -243,6 +243,33 @@ class SlowInspector:
         return self.inner.info()
 
 
+class ThreadRecordingInspector(SlowInspector):
+    """Records which thread made each model call."""
+
+    def __init__(self, inner) -> None:
+        super().__init__(inner, delay_s=0.0)
+        self.threads: list[str] = []
+
+    def inspect_batch(self, images, heatmaps=False, sizes=None):
+        self.threads.append(threading.current_thread().name)
+        return super().inspect_batch(images, heatmaps, sizes)
+
+
+def test_every_model_call_warm_up_included_runs_on_one_thread(server_factory, connect, tiny_inspector,
+                                                              media) -> None:
+    # One thread owns the model's CPU threads: a second thread running torch ops made every call
+    # 2-3x slower on a 2-core CPU (vision.cpu_threads).
+    recording = ThreadRecordingInspector(tiny_inspector)
+    running = server_factory(inspector=recording, warmup=True, max_batch=2, min_batch=1, max_delay_ms=0)
+    assert recording.threads, "the server warms the model up before it serves"
+    stub = connect.stub(running.port)
+    futures = [stub.Inspect.future(pb.InspectRequest(image=media.image(seed=i)), timeout=30) for i in range(6)]
+    assert all(f.result().verdict.image_width == 64 for f in futures)
+    list(stub.InspectStream(iter(frames(media, ("cam",), 4)), timeout=30))
+    assert len(recording.threads) >= 3  # the warm-up and at least two batches
+    assert len(set(recording.threads)) == 1 and recording.threads[0].startswith("inspect-worker")
+
+
 def test_client_cancelling_mid_stream_frees_its_work(server_factory, connect, tiny_inspector, media) -> None:
     slow = SlowInspector(tiny_inspector, delay_s=0.05)
     running = server_factory(inspector=slow, max_batch=2, min_batch=1, max_delay_ms=0)
