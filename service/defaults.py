@@ -8,7 +8,11 @@ training run.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
+
+from lineinspect.errors import LineInspectError
 
 from lineinspect.vision.model_io import CONFIG
 
@@ -61,3 +65,16 @@ def ensure_default_model(time_budget: float = DEFAULT_TIME_BUDGET_S,
 
         train_language(model, data, LanguageTrainConfig(time_budget=language_budget, seed=0))
     return model
+
+
+def ensure_default_model_in_child(time_budget: float = DEFAULT_TIME_BUDGET_S,
+                                  language_budget: float = DEFAULT_LANGUAGE_BUDGET_S) -> Path:
+    """`ensure_default_model` in a child process. Training's CPU threads end with the child, so a
+    server started afterwards in this process runs the only OpenMP team (`vision.cpu_threads`)."""
+    code = ("import sys; from lineinspect.service.defaults import ensure_default_model; "
+            "ensure_default_model(float(sys.argv[1]), float(sys.argv[2]))")
+    done = subprocess.run([sys.executable, "-c", code, str(time_budget), str(language_budget)], check=False)
+    if done.returncode != 0:
+        raise LineInspectError(f"training the default model failed (exit status {done.returncode}); "
+                               "its messages are above")
+    return default_model_dir()

@@ -140,6 +140,7 @@ def run_demo(
     from lineinspect.service.describe import load_for_serving
     from lineinspect.service.server import start_server
     from lineinspect.service.stream_client import StreamClient, StreamConfig
+    from lineinspect.vision.cpu_threads import single_threaded
     from lineinspect.vision.model_io import CONFIG, load_inspector, resolve_device
 
     say = echo or (lambda line: print(line, flush=True))
@@ -169,12 +170,13 @@ def run_demo(
         say(f"[1/5] model: training the default tiny model on a synthetic '{defaults.DEFAULT_SURFACE}' line, "
             f"then its report writer (first run only, ~{budget + language_budget:.0f} s; cached in {model_dir})")
         t0 = time.monotonic()
-        defaults.ensure_default_model(time_budget=budget, language_budget=language_budget)
+        defaults.ensure_default_model_in_child(time_budget=budget, language_budget=language_budget)
         say(f"      trained in {time.monotonic() - t0:.0f} s")
     data_dir = defaults.ensure_default_data()
     test_dir = data_dir / "test"
-    inspector = load_inspector(model_dir, device)
-    language = load_for_serving(model_dir, inspector.model, device)
+    with single_threaded():  # the server's batcher worker owns the CPU threads (vision.cpu_threads)
+        inspector = load_inspector(model_dir, device)
+        language = load_for_serving(model_dir, inspector.model, device)
 
     quiet = [logging.getLogger(name) for name in _QUIET_LOGGERS]
     levels = [lg.level for lg in quiet]

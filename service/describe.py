@@ -48,6 +48,7 @@ from lineinspect.moe_lm.report_model import (
     prompt_text,
 )
 from lineinspect.service.batcher import Overloaded, ShuttingDown
+from lineinspect.vision.cpu_threads import start_single_threaded
 
 log = logging.getLogger(__name__)
 
@@ -295,8 +296,8 @@ class DescribeEngine:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("describe engine already started")
-        self._thread = threading.Thread(target=self._run, name="lineinspect-describe", daemon=True)
-        self._thread.start()
+        # One OpenMP team per process (vision.cpu_threads): on a CPU, decoding must not slow the fast path.
+        self._thread = start_single_threaded(self._run, name="lineinspect-describe")
 
     def stop(self, timeout: float = 5.0) -> None:
         with self._cond:

@@ -72,9 +72,9 @@ def run(args: argparse.Namespace) -> int:
     configure_logging()
     model_dir = config.model_dir
     if model_dir is None and args.untrained is None:
-        from lineinspect.service.defaults import ensure_default_model
+        from lineinspect.service.defaults import ensure_default_model_in_child
 
-        model_dir = ensure_default_model()
+        model_dir = ensure_default_model_in_child()
     with single_threaded():  # the batcher's worker thread owns the process's OpenMP team (vision.cpu_threads)
         if args.untrained is not None:
             inspector = untrained_inspector(args.untrained, args.device, cuda_graphs=args.cuda_graphs)

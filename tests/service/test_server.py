@@ -303,8 +303,8 @@ def test_work_whose_deadline_passed_never_reaches_the_model(server_factory, conn
                                                             media) -> None:
     # Generous margins: the first stream frame must reach the idle worker within frame_timeout_ms
     # even on a slow shared CI machine, while the frames behind it wait a whole delay_s.
-    slow = SlowInspector(tiny_inspector, delay_s=1.0)
-    running = server_factory(inspector=slow, max_batch=1, min_batch=1, max_delay_ms=0, frame_timeout_ms=500)
+    slow = SlowInspector(tiny_inspector, delay_s=2.0)
+    running = server_factory(inspector=slow, max_batch=1, min_batch=1, max_delay_ms=0, frame_timeout_ms=1000)
     stub = connect.stub(running.port)
     busy = stub.Inspect.future(pb.InspectRequest(image=media.image()), timeout=30)  # holds the worker
     time.sleep(0.2)

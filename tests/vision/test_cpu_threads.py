@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
-from lineinspect.vision.cpu_threads import single_threaded
+from lineinspect.vision.cpu_threads import single_threaded, start_single_threaded
 
 
 def test_single_threaded_restores_the_thread_count_even_after_an_error() -> None:
@@ -16,4 +18,20 @@ def test_single_threaded_restores_the_thread_count_even_after_an_error() -> None
     assert torch.get_num_threads() == before
     with pytest.raises(RuntimeError), single_threaded():
         raise RuntimeError("load failed")
+    assert torch.get_num_threads() == before
+
+
+def test_a_single_threaded_thread_keeps_one_thread_and_the_process_keeps_its_count() -> None:
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    done = threading.Event()
+
+    def work() -> None:
+        torch.ones(100_000).sum()
+        seen.append(torch.get_num_threads())
+        done.set()
+
+    thread = start_single_threaded(work, name="side")
+    assert done.wait(10) and seen == [1]
+    thread.join(10)
     assert torch.get_num_threads() == before
