@@ -33,6 +33,7 @@ from lineinspect.service.config import ServerConfig
 from lineinspect.service.server import RunningServer, start_server
 from lineinspect.v1 import inspection_pb2 as pb
 from lineinspect.v1 import inspection_pb2_grpc as pb_grpc
+from lineinspect.vision.cpu_threads import single_threaded
 from lineinspect.vision.model_io import load_inspector
 
 
@@ -112,9 +113,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
-    inspector = load_inspector(args.model, args.device)
-    language = load_language(args.model, args.device)
-    jpegs = [encode_jpeg(f, 90) for f in render_frames(16, 0)]
+    with single_threaded():  # the server's batcher worker owns the CPU threads (vision.cpu_threads)
+        inspector = load_inspector(args.model, args.device)
+        language = load_language(args.model, args.device)
+        jpegs = [encode_jpeg(f, 90) for f in render_frames(16, 0)]
     loop = LoopThread()
     running: RunningServer = loop.run(start_server(ServerConfig(port=0, device=args.device, grace_s=2.0),
                                                    inspector, language=language))
