@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 from lineinspect.errors import LineInspectError
-
 from lineinspect.vision.model_io import CONFIG
 
 DEFAULT_SURFACE = "metal"

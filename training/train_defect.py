@@ -140,7 +140,8 @@ class Trainer:
         head = {k: v for k, v in (("stem_channels", self.cfg.stem_channels),
                                   ("decoder_channels", self.cfg.decoder_channels)) if v}
         self.model = DefectModel(DefectModelConfig(
-            enc, HeadConfig(num_classes=len(self.class_names), bandpass=self.cfg.bandpass, **head), memory_bank_size=self.cfg.memory_bank_size,
+            enc, HeadConfig(num_classes=len(self.class_names), bandpass=self.cfg.bandpass, **head),
+            memory_bank_size=self.cfg.memory_bank_size,
         ))
         if pretrained is not None:
             self.model.encoder.load_state_dict(pretrained.state_dict())

@@ -34,7 +34,8 @@ def binomial_kernel(device: torch.device | str | None = None) -> torch.Tensor:
     return torch.tensor(_BINOMIAL, device=device) / 16
 
 
-def bandpass_features(images: torch.Tensor, out_size: tuple[int, int], kernel: torch.Tensor | None = None) -> torch.Tensor:
+def bandpass_features(images: torch.Tensor, out_size: tuple[int, int],
+                      kernel: torch.Tensor | None = None) -> torch.Tensor:
     """images (B,3,S,S), any affine intensity scale -> (B, BANDPASS_CHANNELS, *out_size) float32.
 
     For each pyramid band: the band itself and its rectified energy, averaged into the output
