@@ -7,9 +7,7 @@
 source "$(dirname "$0")/gpu_setup.sh"
 B=${BUDGET:-300}
 R=runs/accuracy; mkdir -p $R
-lineinspect synth --out $R/metal1 --n 200 --seed 1 --surface metal > /dev/null &
-lineinspect synth --out $R/metal2 --n 200 --seed 2 --surface metal > /dev/null &
-wait
+synthetic_lines $R
 log synth done
 run() {  # name train_data test_data extra-train-args...
   local name=$1 data=$2 test=$3; shift 3

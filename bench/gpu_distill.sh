@@ -6,9 +6,7 @@
 source "$(dirname "$0")/gpu_setup.sh"
 B=${BUDGET:-180}
 R=runs/distill; mkdir -p $R
-lineinspect synth --out $R/metal1 --n 200 --seed 1 --surface metal > /dev/null &
-lineinspect synth --out $R/metal2 --n 200 --seed 2 --surface metal > /dev/null &
-wait
+synthetic_lines $R
 evaluate() {  # name model data device
   echo "{\"run\": \"$1\", \"result\": $(lineinspect eval --model $2 --data $3 --device $4 --json 2>>$R/eval.log | tail -1)}" \
     >> "$OUT/evals.jsonl"

@@ -4,9 +4,7 @@
 # Run from the repo root on the GPU machine; every result is appended to $OUT as it arrives.
 source "$(dirname "$0")/gpu_setup.sh"
 R=runs/gpu1; mkdir -p $R
-lineinspect synth --out $R/metal1 --n 200 --seed 1 --surface metal > /dev/null &
-lineinspect synth --out $R/metal2 --n 200 --seed 2 --surface metal > /dev/null &
-wait
+synthetic_lines $R
 log synth done
 # 1) ViT-L/14 builds and trains on the H200: ms per step and peak memory (alone on the GPU).
 timeout 150 lineinspect train --data $R/metal1 --preset l14 --device cuda --steps 20 --batch-size 32 --out $R/l14 2> $R/l14.log | tail -1
