@@ -16,6 +16,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from lineinspect.errors import LineInspectError
 from lineinspect.training.anomaly_synthesis import synthesize_defects
 from lineinspect.training.box_calibration import choose_box_levels
 from lineinspect.training.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-from lineinspect.training.data_cache import load_cache, validation_split
+from lineinspect.training.data_cache import load_cache, paste_resolution, validation_split
 from lineinspect.training.datasets import Dataset
 from lineinspect.training.defects import DEFECT_TYPES
 from lineinspect.training.metrics import f1_optimal_threshold, image_auroc, threshold_for_false_reject_rate
@@ -61,6 +62,7 @@ class TrainConfig:
     stem_channels: tuple[int, int, int] | None = None  # override the head's pixel-branch widths
     decoder_channels: int | None = None  # override the head's decoder width
     bandpass: bool = True  # the head also sees the image's Laplacian-pyramid bands (vision.bandpass)
+    ridges: bool = True  # ... and oriented thin-line filter responses (vision.ridges)
     device: str = "cpu"
     seed: int = 0
     time_budget: float | None = None  # seconds for the whole command; phases end cleanly inside it
@@ -88,6 +90,14 @@ class TrainConfig:
         return replace(self, steps=self.steps or steps, batch_size=self.batch_size or (gpu_bs if gpu else cpu_bs),
                        memory_bank_size=self.memory_bank_size or bank, lr=self.lr or lr,
                        ssl_fraction=ssl if self.ssl_fraction is None else self.ssl_fraction)
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # (B,3,S,S) in [0,1]
+    masks: torch.Tensor  # (B,1,S,S) {0,1}
+    defect: torch.Tensor  # (B,) bool, labelled defect
+    classes: torch.Tensor  # (B,) long, -1 when unknown or good
+    index: torch.Tensor  # (B,) rows of the training cache
 
 
 @dataclass
@@ -140,7 +150,8 @@ class Trainer:
         head = {k: v for k, v in (("stem_channels", self.cfg.stem_channels),
                                   ("decoder_channels", self.cfg.decoder_channels)) if v}
         self.model = DefectModel(DefectModelConfig(
-            enc, HeadConfig(num_classes=len(self.class_names), bandpass=self.cfg.bandpass, **head),
+            enc, HeadConfig(num_classes=len(self.class_names), bandpass=self.cfg.bandpass,
+                             ridges=self.cfg.ridges, **head),
             memory_bank_size=self.cfg.memory_bank_size,
         ))
         if pretrained is not None:
@@ -187,14 +198,15 @@ class Trainer:
         t = time.monotonic()
         samples = self.dataset.train
         train_idx, val_idx = validation_split(samples, self.cfg.val_fraction)
-        cache = load_cache(samples, self.size, self.class_names, desc="loading images")
+        paste_size = paste_resolution(samples, self.size) if self.cfg.paste_types else None
+        cache = load_cache(samples, self.size, self.class_names, desc="loading images", paste_size=paste_size)
         self.train_cache = cache.subset(train_idx).to(self.device)
         self.val_cache = cache.subset(val_idx) if val_idx else None
         self.good_idx = torch.nonzero(~self.train_cache.is_defect).flatten()
         self.load_seconds = time.monotonic() - t
 
-    def batch(self, only_good: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A training batch on the device: images (B,3,S,S) [0,1], masks (B,1,S,S), defect (B,), class (B,)."""
+    def batch(self, only_good: bool = False) -> Batch:
+        """A training batch on the device, with photometric jitter."""
         pool = self.good_idx if only_good and len(self.good_idx) else torch.arange(len(self.train_cache))
         idx = pool[torch.randint(len(pool), (self.cfg.batch_size,), generator=self.gen)]
         c = self.train_cache
@@ -207,7 +219,7 @@ class Trainer:
         gain = torch.empty(b, 1, 1, 1).uniform_(0.9, 1.1, generator=self.gen).to(self.device)
         bias = torch.empty(b, 1, 1, 1).uniform_(-0.04, 0.04, generator=self.gen).to(self.device)
         images = (images * gain + bias).clamp_(0, 1)
-        return images, masks, defect, classes
+        return Batch(images, masks, defect, classes, idx)
 
     # ---- phases ----------------------------------------------------------------------------
     def run(self) -> Path:
@@ -270,7 +282,7 @@ class Trainer:
             self.step_ms[phase] = round((time.monotonic() - t0) * 1000 / done, 1)
 
     def ssl_loss(self) -> tuple[torch.Tensor, dict]:
-        images, *_ = self.batch(only_good=True)
+        images = self.batch(only_good=True).images
         loss = self.model.masked_reconstruction_loss(images)
         return loss, {}
 
@@ -280,12 +292,16 @@ class Trainer:
 
     def defect_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """A batch with synthetic defects pasted on good images: images, masks, defect target (B,), class (B,)."""
-        images, masks, defect, classes = self.batch()
+        images, masks, defect, classes, idx = self.batch()
         good = ~defect
         if good.any():
             pasted, pmask, has = synthesize_defects(images[good], self.gen, self.cfg.p_defect)
             if self.cfg.paste_types:
-                pasted, pmask, has, kinds = paste_named_defects(pasted, pmask, has, self.cfg.paste_types, self.gen)
+                sources = self.train_cache.sources
+                if sources is not None:
+                    sources = sources[idx[good].cpu().numpy()]
+                pasted, pmask, has, kinds = paste_named_defects(pasted, pmask, has, self.cfg.paste_types, self.gen,
+                                                                sources=sources)
                 if self.names_pasted:
                     classes = classes.clone()
                     classes[good] = kinds
@@ -353,8 +369,9 @@ class Trainer:
         if self.cfg.paste_types:  # half of them show the named kinds the training pastes instead
             named = (torch.rand(len(has), generator=g) < 0.5).view(-1, 1, 1, 1)
             pasted, pmask = torch.where(named, base, pasted), pmask * ~named
+            sources = None if cache.sources is None else cache.sources[good.numpy()]
             pasted, pmask, has, _ = paste_named_defects(pasted, pmask, has & ~named.flatten(),
-                                                     self.cfg.paste_types, g, share=1.0)
+                                                     self.cfg.paste_types, g, share=1.0, sources=sources)
         images = torch.cat([images, (pasted * 255).round().to(torch.uint8)[has]])
         masks = torch.cat([masks, pmask.to(torch.uint8)[has]])
         labels = torch.cat([defect, torch.ones(int(has.sum()), dtype=torch.bool)])

@@ -11,6 +11,8 @@ the image logit: a strong, texture-independent cue that the head can learn to tr
 fewer steps than it needs to learn "defect" from pixels alone. With `bandpass` on, it also gets
 the image's Laplacian-pyramid bands and their novelty (`vision.bandpass`): soft defects tens of
 pixels across, like dents, that a few minutes of training do not teach the pixel branch to see.
+With `ridges` on, the pixel branch also reads oriented thin-line filter responses
+(`vision.ridges`) and the decoder their peak per cell: scratches a pixel wide.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lineinspect.vision.bandpass import BANDPASS_CHANNELS, BandPass
+from lineinspect.vision.ridges import RIDGE_CHANNELS, Ridges, ridge_peaks
 from lineinspect.vision.self_similarity import self_similarity_map
 
 
@@ -38,6 +41,13 @@ class HeadConfig:
     # Laplacian-pyramid bands of the image and their self-similarity novelty at 1/8 resolution
     # (vision.bandpass): soft, large defects such as dents that the pixel branch sees too locally
     bandpass: bool = True
+    # Where the class head looks at inference: "focus" = the pixels at or above half the map's
+    # peak probability (a defect-shaped region like the masks it trains on); "soft" = the whole
+    # probability map, whose faint background made every defect look large (model dirs before it)
+    class_region: str = "focus"
+    # oriented thin-line filter responses (vision.ridges) into the pixel branch, their peak per
+    # 1/8 cell into the decoder: scratches one pixel wide that the branch does not learn in minutes
+    ridges: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,6 +59,8 @@ class HeadConfig:
         data.setdefault("self_similarity", False)  # model directories written before it existed
         data.setdefault("class_pooling", "mean")
         data.setdefault("bandpass", False)
+        data.setdefault("class_region", "soft")
+        data.setdefault("ridges", False)
         return cls(**data)
 
 
@@ -63,10 +75,10 @@ def conv_block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
 class PixelStem(nn.Module):
     """Three strided conv stages: (B,3,S,S) -> [(B,c1,S/2,S/2), (B,c2,S/4,S/4), (B,c3,S/8,S/8)]."""
 
-    def __init__(self, channels: tuple[int, int, int]) -> None:
+    def __init__(self, channels: tuple[int, int, int], in_channels: int = 3) -> None:
         super().__init__()
         c1, c2, c3 = channels
-        self.s2 = nn.Sequential(conv_block(3, c1, 2), conv_block(c1, c1))
+        self.s2 = nn.Sequential(conv_block(in_channels, c1, 2), conv_block(c1, c1))
         self.s4 = nn.Sequential(conv_block(c1, c2, 2), conv_block(c2, c2))
         self.s8 = nn.Sequential(conv_block(c2, c3, 2), conv_block(c3, c3))
 
@@ -85,6 +97,14 @@ def mask_pooled(region: torch.Tensor, features: list[torch.Tensor]) -> torch.Ten
     weight = F.adaptive_avg_pool2d(region.detach().float(), (h, w))  # (B,1,h,w)
     weight = weight / weight.sum((2, 3), keepdim=True).clamp_min(1e-6)
     return torch.cat([(f.float() * weight).sum((2, 3)) for f in features], 1).to(features[0].dtype)
+
+
+def focus_region(prob: torch.Tensor, share: float = 0.5) -> torch.Tensor:
+    """(B,1,S,S) defect probabilities -> {0,1} region of the pixels at or above `share` of each
+    image's peak: where the defect is, shaped like a training mask, without the faint background
+    probability that otherwise dominates the region's area and shape."""
+    peak = prob.flatten(1).amax(1).view(-1, 1, 1, 1)
+    return (prob >= share * peak).to(prob.dtype)
 
 
 REGION_STATS = 10
@@ -135,11 +155,12 @@ class DefectHead(nn.Module):
         self.config = config
         c1, c2, c3 = config.stem_channels
         d = config.decoder_channels
-        self.stem = PixelStem(config.stem_channels)
+        self.ridges = Ridges() if config.ridges else None
+        self.stem = PixelStem(config.stem_channels, 3 + (RIDGE_CHANNELS if config.ridges else 0))
         self.vit_proj = nn.Sequential(
             nn.Conv2d(vit_dim * n_vit_layers, d, 1, bias=False), nn.BatchNorm2d(d), nn.GELU()
         )
-        extra = (1 if config.self_similarity else 0) + (1 if config.bandpass else 0)  # novelty maps
+        extra = sum(map(int, (config.self_similarity, config.bandpass, config.ridges)))  # novelty maps
         bands = BANDPASS_CHANNELS if config.bandpass else 0
         self.bandpass = BandPass() if config.bandpass else None
         self.fuse8 = nn.Sequential(conv_block(d + c3 + extra + bands, d), conv_block(d, d))
@@ -165,7 +186,13 @@ class DefectHead(nn.Module):
         """images (B,3,S,S); vit_features: per layer (B,C,h,w); cls (B,C). `class_region` (B,1,S,S)
         in [0,1]: where to look when naming the defect (training passes the true masks, so the
         class head learns from the start; otherwise the predicted map)."""
-        f2, f4, f8 = self.stem(images)
+        ridges = None
+        if self.ridges is not None:
+            with torch.autocast(images.device.type, enabled=False):  # faint lines need fp32
+                ridges = self.ridges(images)
+            f2, f4, f8 = self.stem(torch.cat([images, ridges.to(images.dtype)], 1))
+        else:
+            f2, f4, f8 = self.stem(images)
         v = self.vit_proj(torch.cat(vit_features, dim=1))  # (B, d, h, w)
         at8 = [F.interpolate(v, size=f8.shape[-2:], mode="bilinear"), f8]
         novelty = self_similarity_map(f8) if self.config.self_similarity else None
@@ -177,6 +204,10 @@ class DefectHead(nn.Module):
                 bands = self.bandpass(images, f8.shape[-2:])
                 band_novelty = self_similarity_map(bands)
             at8 += [bands.to(f8.dtype), band_novelty.log().to(f8.dtype)]
+        line_peaks = None
+        if ridges is not None:
+            line_peaks = ridge_peaks(ridges, f8.shape[-2:]).log1p()
+            at8.append(line_peaks.to(f8.dtype))
         x8 = self.fuse8(torch.cat(at8, 1))
         x = self.fuse4(torch.cat([F.interpolate(x8, size=f4.shape[-2:], mode="bilinear"), f4], 1))
         x = F.interpolate(self.squeeze2(x), size=f2.shape[-2:], mode="bilinear")
@@ -190,11 +221,16 @@ class DefectHead(nn.Module):
             stats.append(novelty.flatten(1).amax(1).log().to(peak.dtype))
         if band_novelty is not None:
             stats.append(band_novelty.flatten(1).amax(1).log().to(peak.dtype))
+        if line_peaks is not None:
+            stats.append(line_peaks.flatten(1).amax(1).to(peak.dtype))
         image_logit = self.image_out(torch.cat([pooled, torch.stack(stats, 1)], 1)).squeeze(1)
         class_logits = None
         if self.class_out is not None:
             if self.config.class_pooling == "mask":
-                region = torch.sigmoid(mask_logits.detach().float()) if class_region is None else class_region
+                region = class_region
+                if region is None:
+                    region = torch.sigmoid(mask_logits.detach().float())
+                    region = focus_region(region) if self.config.class_region == "focus" else region
                 pooled = torch.cat([cls, mask_pooled(region, [at8[0], x8, f8]),
                                     region_stats(region, images).to(cls.dtype)], 1)
             class_logits = self.class_out(pooled)

@@ -44,7 +44,7 @@ def test_masked_reconstruction_loss_trains() -> None:
     for _ in range(15):
         torch.manual_seed(1)  # same hidden patches each step: the loss must fall
         loss = model.masked_reconstruction_loss(images)
-        first = first if first is not None else float(loss)
+        first = first if first is not None else float(loss.detach())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -121,3 +121,17 @@ def test_untrained_inspector_any_image_size() -> None:
     results = inspector.inspect_batch(images, heatmaps=[True, False])
     assert results[0].heatmap.shape == (480, 640) and results[1].heatmap is None
     assert all(0 <= r.score <= 1 for r in results)
+
+
+def test_class_head_looks_at_the_defect_not_the_faint_background() -> None:
+    """Named from the focus region, a small defect on a map with faint background probability is
+    not described as the whole image: the region is the defect's own pixels."""
+    from lineinspect.vision.heads import focus_region, region_stats
+
+    prob = torch.full((1, 1, 64, 64), 0.15)
+    prob[..., 30:34, 10:40] = 0.9  # a thin horizontal defect
+    region = focus_region(prob)
+    assert set(region.unique().tolist()) == {0.0, 1.0} and int(region.sum()) == 4 * 30
+    images = torch.rand(1, 3, 64, 64)
+    area_focus, area_soft = region_stats(region, images)[0, 0], region_stats(prob, images)[0, 0]
+    assert float(area_focus) < float(area_soft) - 1.0  # log area: the soft map looks far larger
