@@ -36,7 +36,9 @@ class HeadConfig:
     num_classes: int = 0  # defect classes; 0 when the line has no class labels
     self_similarity: bool = True  # novelty of each location against the rest of its image
     # "mask": class evidence pooled where the map sees the defect, plus that region's shape and
-    # appearance (region_stats); "mean": pooled over the whole image (model directories before it)
+    # appearance (region_stats); "signature": also the region's scale signature, how much stronger
+    # each band-pass and ridge response is inside than around it (scale_signature); "mean": pooled
+    # over the whole image (model directories before "mask")
     class_pooling: str = "mask"
     # Laplacian-pyramid bands of the image and their self-similarity novelty at 1/8 resolution
     # (vision.bandpass): soft, large defects such as dents that the pixel branch sees too locally
@@ -142,11 +144,28 @@ def region_stats(region: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         ], 1)
 
 
+def scale_signature(region: torch.Tensor, maps: list[torch.Tensor]) -> torch.Tensor:
+    """Log ratio of each map channel's mean magnitude inside the region to around it, (B, sum C),
+    no gradient. Over band-pass levels and line filters this is the defect's scale and shape
+    signature: a hole is strongest in the fine bands, a dent in the coarse ones, a scratch in
+    the line filters, a stain in between."""
+    with torch.no_grad():
+        out = []
+        for m in maps:
+            m = m.detach().float().abs()
+            w = F.adaptive_avg_pool2d(region.detach().float(), m.shape[-2:])
+            inside = (m * w).sum((2, 3)) / w.sum((2, 3)).clamp_min(1e-3)
+            outside = (m * (1 - w)).sum((2, 3)) / (1 - w).sum((2, 3)).clamp_min(1e-3)
+            out.append((inside + 1e-3).log() - (outside + 1e-3).log())
+        return torch.cat(out, 1)
+
+
 class HeadOutput(NamedTuple):
     mask_logits: torch.Tensor  # (B, 1, S, S) per-pixel defect logits at model input resolution
     image_logit: torch.Tensor  # (B,) image-level defect logit
     class_logits: torch.Tensor | None  # (B, K) or None without classes
     novelty: torch.Tensor | None  # (B, 1, S/8, S/8) self-similarity novelty (1 = typical), if enabled
+    class_features: torch.Tensor | None = None  # (B, F) what the class layers read, or None without classes
 
 
 class DefectHead(nn.Module):
@@ -171,9 +190,11 @@ class DefectHead(nn.Module):
         self.mask_out = nn.Conv2d(c1, 1, 1)
         pooled = vit_dim + d + c3
         self.image_out = nn.Sequential(nn.Linear(pooled + 2 + extra, d), nn.GELU(), nn.Linear(d, 1))
-        class_in = vit_dim + 2 * d + c3 + REGION_STATS if config.class_pooling == "mask" else pooled
+        by_region = config.class_pooling in ("mask", "signature")
+        signature = (config.class_pooling == "signature") * (bands + (RIDGE_CHANNELS if config.ridges else 0))
+        class_in = vit_dim + 2 * d + c3 + REGION_STATS + signature if by_region else pooled
         # Region statistics and pooled features live on different scales: standardise them first.
-        norm = [nn.BatchNorm1d(class_in)] if config.class_pooling == "mask" else []
+        norm = [nn.BatchNorm1d(class_in)] if by_region else []
         self.class_out = (
             nn.Sequential(*norm, nn.Linear(class_in, d), nn.GELU(), nn.Dropout(0.1),
                           nn.Linear(d, config.num_classes))
@@ -198,7 +219,7 @@ class DefectHead(nn.Module):
         novelty = self_similarity_map(f8) if self.config.self_similarity else None
         if novelty is not None:
             at8.append(novelty.log().to(f8.dtype))
-        band_novelty = None
+        band_novelty = bands = None
         if self.bandpass is not None:
             with torch.autocast(images.device.type, enabled=False):  # faint shading needs fp32
                 bands = self.bandpass(images, f8.shape[-2:])
@@ -224,14 +245,18 @@ class DefectHead(nn.Module):
         if line_peaks is not None:
             stats.append(line_peaks.flatten(1).amax(1).to(peak.dtype))
         image_logit = self.image_out(torch.cat([pooled, torch.stack(stats, 1)], 1)).squeeze(1)
-        class_logits = None
+        class_logits = class_features = None
         if self.class_out is not None:
-            if self.config.class_pooling == "mask":
+            if self.config.class_pooling in ("mask", "signature"):
                 region = class_region
                 if region is None:
                     region = torch.sigmoid(mask_logits.detach().float())
                     region = focus_region(region) if self.config.class_region == "focus" else region
-                pooled = torch.cat([cls, mask_pooled(region, [at8[0], x8, f8]),
-                                    region_stats(region, images).to(cls.dtype)], 1)
+                parts = [cls, mask_pooled(region, [at8[0], x8, f8]), region_stats(region, images).to(cls.dtype)]
+                maps = [m for m in (bands, ridges) if m is not None]
+                if self.config.class_pooling == "signature" and maps:
+                    parts.append(scale_signature(region, maps).to(cls.dtype))
+                pooled = torch.cat(parts, 1)
+            class_features = pooled
             class_logits = self.class_out(pooled)
-        return HeadOutput(mask_logits, image_logit, class_logits, novelty)
+        return HeadOutput(mask_logits, image_logit, class_logits, novelty, class_features)
