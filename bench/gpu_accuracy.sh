@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One device call for issue 2's GPU accuracy figures, from the repo root on the GPU machine: s14 on
 # NEU-DET, s14 on the synthetic metal line, s14 on the same line with generic pasting only (all
-# seven defect types unseen), and s14 naming the pasted kinds on that line; trainings share the
+# seven defect types unseen), s14 naming the pasted kinds on that line, and s14 on NEU-DET without
+# the ridge filters (s14_neu_noridges, the ablation); trainings share the
 # H200 (BUDGET=seconds per training, RUNS=the names to run, by default the first three).
-# Every eval's JSON line lands in $OUT/evals.jsonl as it arrives.
+# Every eval's JSON line lands in $OUT/evals.jsonl as it arrives. LANGUAGE=seconds also trains the
+# language stages on s14_metal_named and writes eval-language's line to $OUT/language.jsonl.
 source "$(dirname "$0")/gpu_setup.sh"
 B=${BUDGET:-300}
 R=runs/accuracy; mkdir -p $R
@@ -18,13 +20,23 @@ run() {  # name train_data test_data extra-train-args...
     >> "$OUT/evals.jsonl"
   log "eval $name done"
 }
+language() {  # name: the three language stages on that model, then eval-language (LANGUAGE=seconds, 0 = skip)
+  local name=$1 L=${LANGUAGE:-0}
+  [ "$L" -gt 0 ] || return 0
+  lineinspect train --data $R/metal1 --out $R/$name --stages 1,2,3 --device cuda --language-time-budget $L \
+    2> $R/$name.language.log | tail -3 >> "$OUT/train.jsonl"
+  echo "{\"run\": \"$name language\", \"result\": $(lineinspect eval-language --model $R/$name --data $R/metal2 \
+    --device cuda --json 2>>$R/eval.log | tail -1)}" >> "$OUT/language.jsonl"
+  log "language $name done"
+}
 RUNS=${RUNS:-"s14_neu s14_metal s14_metal_unseen"}  # which to train
 for name in $RUNS; do
   case $name in
     s14_neu) run s14_neu .gpu_data/neu-det .gpu_data/neu-det & ;;
+    s14_neu_noridges) run s14_neu_noridges .gpu_data/neu-det .gpu_data/neu-det --no-ridges & ;;
     s14_metal) run s14_metal $R/metal1 $R/metal2 & ;;
     s14_metal_unseen) run s14_metal_unseen $R/metal1 $R/metal2 --paste-types none & ;;
-    s14_metal_named) run s14_metal_named $R/metal1 $R/metal2 --name-pasted-kinds & ;;
+    s14_metal_named) (run s14_metal_named $R/metal1 $R/metal2 --name-pasted-kinds && language s14_metal_named) & ;;
   esac
 done
 wait

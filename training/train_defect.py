@@ -32,11 +32,12 @@ from lineinspect.training.datasets import Dataset
 from lineinspect.training.defects import DEFECT_TYPES
 from lineinspect.training.metrics import f1_optimal_threshold, image_auroc, threshold_for_false_reject_rate
 from lineinspect.training.named_pasting import paste_named_defects
+from lineinspect.training.namer_phase import train_namer
 from lineinspect.training.schedule import lr_at
 from lineinspect.vision.checkpoints import load_pretrained_encoder
 from lineinspect.vision.defect_model import DefectModel, DefectModelConfig
 from lineinspect.vision.encoder import preset
-from lineinspect.vision.heads import HeadConfig, HeadOutput, focus_region
+from lineinspect.vision.heads import HeadConfig, HeadOutput
 from lineinspect.vision.inspector import Calibration, image_scores
 from lineinspect.vision.model_io import resolve_device, save_model_dir
 from lineinspect.vision.precision import autocast, autocast_dtype
@@ -55,8 +56,7 @@ SOURCE_MARGIN = 0.03  # validation AUROC lead another score source needs over th
 # Naming the pasted kinds on a line without class labels: after training, the class layers are
 # refitted on this many pasted defects (at most; this share of the time budget) named from the
 # regions the finished model itself marks, exactly as at inference (`fit_namer`).
-NAMER_EXAMPLES = 4096
-NAMER_SHARE = 0.05
+NAMER_SHARE = 0.25  # of the time budget: the namer phase, where pasted kinds are named
 
 
 @dataclass(frozen=True)
@@ -439,61 +439,11 @@ class Trainer:
             calibration = replace(calibration, **fields, notes={**notes, **box_notes})
         return calibration
 
-    @torch.no_grad()
-    def named_examples(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pasted named defects on training images, seen by the finished model the way inference
-        sees them: its class features from the region its own map marks (B, F) and the kind (B,).
-        Defects the map misses are left out: a part judged good is never named."""
-        self.model.eval()
-        cache, good = self.train_cache, self.good_idx.cpu()
-        g = torch.Generator().manual_seed(self.cfg.seed * 1000 + 777)
-        budget = self.cfg.time_budget * NAMER_SHARE if self.cfg.time_budget else 120.0
-        deadline = time.monotonic() + budget
-        feats, kinds, n = [], [], 0
-        while n < NAMER_EXAMPLES and time.monotonic() < deadline:
-            idx = good[torch.randint(len(good), (32,), generator=g)]
-            images = cache.images[idx.to(cache.images.device)].cpu().float().div_(255)
-            sources = None if cache.sources is None else cache.sources[idx.numpy()]
-            empty = torch.zeros(len(idx), 1, self.size, self.size)
-            images, masks, _, kind = paste_named_defects(images, empty, torch.zeros(len(idx), dtype=torch.bool),
-                                                         self.cfg.paste_types, g, share=1.0, sources=sources)
-            with autocast(self.device, self.autocast):
-                out = self.model.logits(images.to(self.device))
-            region = focus_region(torch.sigmoid(out.mask_logits.float())).cpu()
-            keep = ((region * masks).flatten(1).sum(1) > 0) & (kind >= 0)
-            feats.append(out.class_features.float().cpu()[keep])
-            kinds.append(kind[keep])
-            n += int(keep.sum())
-        return torch.cat(feats), torch.cat(kinds)
-
     def fit_namer(self) -> dict:
-        """Refit the class layers on `named_examples`. In training the class head learns from the
-        true masks of the pasted defects; at inference it reads the region the map marks, softer
-        and shaped by what the model sees, and naming from the true masks carried over poorly
-        (class accuracy 0.46 on the held-out synthetic line). Returns notes for the calibration."""
-        features, kinds = self.named_examples()
-        notes = {"namer_examples": int(len(kinds))}
-        if len(kinds) < 8 * len(self.class_names):
-            return notes  # too few to refit on: keep the layers as training left them
-        head = self.model.head.class_out.float()
-        perm = torch.randperm(len(kinds), generator=torch.Generator().manual_seed(self.cfg.seed))
-        held = perm[: len(perm) // 5]
-        fit = perm[len(perm) // 5 :]
-        x, y = features.to(self.device), kinds.to(self.device)
-        opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.01)
-        gen = torch.Generator().manual_seed(self.cfg.seed)
-        head.train()
-        with torch.enable_grad():
-            for _ in range(60):  # epochs of a small MLP on cached features: seconds
-                for rows in fit[torch.randperm(len(fit), generator=gen)].split(256):
-                    loss = F.cross_entropy(head(x[rows]), y[rows], label_smoothing=0.1)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-        head.eval()
-        with torch.no_grad():
-            notes["namer_heldout_accuracy"] = round(float((head(x[held]).argmax(1) == y[held]).float().mean()), 4)
-        return notes
+        """The namer phase (training.namer_phase) on the pasted kinds; notes for the calibration."""
+        seconds = self.cfg.time_budget * NAMER_SHARE if self.cfg.time_budget else 120.0
+        return train_namer(self.model.head.class_out, self.train_cache, self.good_idx.cpu(), self.cfg.paste_types,
+                           self.cfg.seed, seconds, self.device)
 
     def fit_and_save(self) -> Path:
         t = time.monotonic()

@@ -12,7 +12,8 @@ fewer steps than it needs to learn "defect" from pixels alone. With `bandpass` o
 the image's Laplacian-pyramid bands and their novelty (`vision.bandpass`): soft defects tens of
 pixels across, like dents, that a few minutes of training do not teach the pixel branch to see.
 With `ridges` on, the pixel branch also reads oriented thin-line filter responses
-(`vision.ridges`) and the decoder their peak per cell: scratches a pixel wide.
+(`vision.ridges`) and the decoder their peak per cell: scratches a pixel wide. The class head
+names a defect from a crop around the region the map marks (`vision.crop_namer`).
 """
 
 from __future__ import annotations
@@ -24,9 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lineinspect.errors import LineInspectError
 from lineinspect.vision.bandpass import BANDPASS_CHANNELS, BandPass
+from lineinspect.vision.crop_namer import CropNamer, crop_features
 from lineinspect.vision.ridges import RIDGE_CHANNELS, Ridges, ridge_peaks
 from lineinspect.vision.self_similarity import self_similarity_map
+
+CLASS_POOLINGS = ("crop", "mask", "mean")
 
 
 @dataclass(frozen=True)
@@ -35,11 +40,10 @@ class HeadConfig:
     decoder_channels: int = 64
     num_classes: int = 0  # defect classes; 0 when the line has no class labels
     self_similarity: bool = True  # novelty of each location against the rest of its image
+    # "crop": named by a small CNN from a crop around the region the map marks (vision.crop_namer);
     # "mask": class evidence pooled where the map sees the defect, plus that region's shape and
-    # appearance (region_stats); "signature": also the region's scale signature, how much stronger
-    # each band-pass and ridge response is inside than around it (scale_signature); "mean": pooled
-    # over the whole image (model directories before "mask")
-    class_pooling: str = "mask"
+    # appearance (region_stats); "mean": pooled over the whole image (model directories before "mask")
+    class_pooling: str = "crop"
     # Laplacian-pyramid bands of the image and their self-similarity novelty at 1/8 resolution
     # (vision.bandpass): soft, large defects such as dents that the pixel branch sees too locally
     bandpass: bool = True
@@ -50,6 +54,11 @@ class HeadConfig:
     # oriented thin-line filter responses (vision.ridges) into the pixel branch, their peak per
     # 1/8 cell into the decoder: scratches one pixel wide that the branch does not learn in minutes
     ridges: bool = True
+
+    def __post_init__(self) -> None:
+        if self.class_pooling not in CLASS_POOLINGS:
+            raise LineInspectError(f"head config: class_pooling {self.class_pooling!r} is not one of {CLASS_POOLINGS}; "
+                                   "this model directory comes from another version: train it again")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -144,22 +153,6 @@ def region_stats(region: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         ], 1)
 
 
-def scale_signature(region: torch.Tensor, maps: list[torch.Tensor]) -> torch.Tensor:
-    """Log ratio of each map channel's mean magnitude inside the region to around it, (B, sum C),
-    no gradient. Over band-pass levels and line filters this is the defect's scale and shape
-    signature: a hole is strongest in the fine bands, a dent in the coarse ones, a scratch in
-    the line filters, a stain in between."""
-    with torch.no_grad():
-        out = []
-        for m in maps:
-            m = m.detach().float().abs()
-            w = F.adaptive_avg_pool2d(region.detach().float(), m.shape[-2:])
-            inside = (m * w).sum((2, 3)) / w.sum((2, 3)).clamp_min(1e-3)
-            outside = (m * (1 - w)).sum((2, 3)) / (1 - w).sum((2, 3)).clamp_min(1e-3)
-            out.append((inside + 1e-3).log() - (outside + 1e-3).log())
-        return torch.cat(out, 1)
-
-
 class HeadOutput(NamedTuple):
     mask_logits: torch.Tensor  # (B, 1, S, S) per-pixel defect logits at model input resolution
     image_logit: torch.Tensor  # (B,) image-level defect logit
@@ -190,17 +183,18 @@ class DefectHead(nn.Module):
         self.mask_out = nn.Conv2d(c1, 1, 1)
         pooled = vit_dim + d + c3
         self.image_out = nn.Sequential(nn.Linear(pooled + 2 + extra, d), nn.GELU(), nn.Linear(d, 1))
-        by_region = config.class_pooling in ("mask", "signature")
-        signature = (config.class_pooling == "signature") * (bands + (RIDGE_CHANNELS if config.ridges else 0))
-        class_in = vit_dim + 2 * d + c3 + REGION_STATS + signature if by_region else pooled
-        # Region statistics and pooled features live on different scales: standardise them first.
-        norm = [nn.BatchNorm1d(class_in)] if by_region else []
-        self.class_out = (
-            nn.Sequential(*norm, nn.Linear(class_in, d), nn.GELU(), nn.Dropout(0.1),
-                          nn.Linear(d, config.num_classes))
-            if config.num_classes
-            else None
-        )
+        self.class_out = self._class_layers(config, pooled, d, vit_dim, c3) if config.num_classes else None
+
+    @staticmethod
+    def _class_layers(config: HeadConfig, pooled: int, d: int, vit_dim: int, c3: int) -> nn.Module:
+        if config.class_pooling == "crop":
+            return CropNamer(config.num_classes)
+        if config.class_pooling == "mask":
+            # Region statistics and pooled features live on different scales: standardise them first.
+            class_in = vit_dim + 2 * d + c3 + REGION_STATS
+            return nn.Sequential(nn.BatchNorm1d(class_in), nn.Linear(class_in, d), nn.GELU(), nn.Dropout(0.1),
+                                 nn.Linear(d, config.num_classes))
+        return nn.Sequential(nn.Linear(pooled, d), nn.GELU(), nn.Dropout(0.1), nn.Linear(d, config.num_classes))
 
     def forward(self, images: torch.Tensor, vit_features: list[torch.Tensor], cls: torch.Tensor,
                 class_region: torch.Tensor | None = None) -> HeadOutput:
@@ -247,16 +241,16 @@ class DefectHead(nn.Module):
         image_logit = self.image_out(torch.cat([pooled, torch.stack(stats, 1)], 1)).squeeze(1)
         class_logits = class_features = None
         if self.class_out is not None:
-            if self.config.class_pooling in ("mask", "signature"):
+            if self.config.class_pooling in ("mask", "crop"):
                 region = class_region
                 if region is None:
                     region = torch.sigmoid(mask_logits.detach().float())
                     region = focus_region(region) if self.config.class_region == "focus" else region
-                parts = [cls, mask_pooled(region, [at8[0], x8, f8]), region_stats(region, images).to(cls.dtype)]
-                maps = [m for m in (bands, ridges) if m is not None]
-                if self.config.class_pooling == "signature" and maps:
-                    parts.append(scale_signature(region, maps).to(cls.dtype))
-                pooled = torch.cat(parts, 1)
+                if self.config.class_pooling == "crop":
+                    pooled = crop_features(images, region)
+                else:
+                    pooled = torch.cat([cls, mask_pooled(region, [at8[0], x8, f8]),
+                                        region_stats(region, images).to(cls.dtype)], 1)
             class_features = pooled
             class_logits = self.class_out(pooled)
         return HeadOutput(mask_logits, image_logit, class_logits, novelty, class_features)

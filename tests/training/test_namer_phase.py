@@ -1,0 +1,49 @@
+"""The namer phase renders a pool of named defects and teaches the crop namer to tell them apart."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from lineinspect.training.data_cache import ImageCache
+from lineinspect.training.namer_phase import namer_pool, train_namer
+from lineinspect.training.surfaces import make_surface
+from lineinspect.vision.crop_namer import CROP, MIN_SIDE, CropNamer
+
+
+def _cache(n: int, size: int) -> ImageCache:
+    rng = np.random.default_rng(0)
+    images = np.stack([make_surface("metal", size, rng) for _ in range(n)])
+    return ImageCache(
+        images=torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+        masks=torch.zeros(n, 1, size, size, dtype=torch.uint8),
+        is_defect=torch.zeros(n, dtype=torch.bool),
+        has_mask=torch.zeros(n, dtype=torch.bool),
+        classes=torch.full((n,), -1),
+        samples=[],
+        boxes=[np.zeros((0, 4))] * n,
+        sources=None,
+    )
+
+
+def test_pool_holds_one_crop_per_pasted_defect_with_its_kind() -> None:
+    crops, kinds = namer_pool(_cache(8, 64), torch.arange(8), ("scratch", "hole"), seed=0, deadline=0.0)
+    assert crops.shape == (len(kinds), 3 * CROP * CROP + 1) and crops.dtype == torch.float16
+    assert 0 < len(kinds) <= 32 and set(kinds.tolist()) <= {0, 1}
+    side = crops[:, -1].float().exp() * 64  # pixels; jittered boxes 0.8-1.3x of at least MIN_SIDE
+    assert bool((side >= 0.8 * MIN_SIDE - 0.01).all()) and bool((side <= 1.3 * 64 * 1.6).all())
+
+
+def test_namer_learns_the_pasted_kinds_and_reports_it() -> None:
+    torch.manual_seed(0)
+    namer = CropNamer(2, width=8)
+    start = time.monotonic()
+    notes = train_namer(namer, _cache(24, 64), torch.arange(24), ("scratch", "hole"), seed=0, seconds=8.0,
+                        device=torch.device("cpu"))
+    assert time.monotonic() - start < 60  # the phase keeps to its time (loosely: CI machines are noisy)
+    assert notes["namer_examples"] >= 32 and notes["namer_steps"] >= 1
+    assert notes["namer_heldout_accuracy"] >= notes["namer_heldout_before"]  # a worse refit is not kept
+    assert notes["namer_heldout_accuracy"] >= 0.75  # a scratch and a hole are easy to tell apart
+    assert not namer.training
