@@ -9,9 +9,7 @@ waiting for the batch in flight, and leaves as soon as it is done.
 
 The fast path keeps priority: before every step the thread waits while the fast batcher has
 FAST or BULK work queued or a batch running, so a camera frame waits for at most one decoder
-step (milliseconds for the tiny decoder), never for a whole answer. On Linux the decode thread
-also runs at a lower scheduling priority (``decode_nice``): where cores are few, the kernel then
-hands a core to the fast path's threads (gRPC, decoding, the model) first when both are ready.
+step (milliseconds for the tiny decoder), never for a whole answer.
 
 Evidence tokens. ``EvidenceTap`` turns the defect model's output inside the fast batch worker
 into the language path's evidence tokens: a forward hook on the defect model hands its output
@@ -25,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -67,7 +64,6 @@ class DescribeConfig:
     max_question_chars: int = 500
     queue_size: int = 64  # requests waiting to join the batch; more -> RESOURCE_EXHAUSTED
     frame_cache_mb: float = 256.0  # evidence tokens of recent stream frames
-    decode_nice: int = 10  # added to the decode thread's niceness (Linux; 0 = leave it as it is)
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.queue_size < 1 or self.default_max_tokens < 1:
@@ -76,8 +72,6 @@ class DescribeConfig:
             raise LineInspectError("describe config: max_tokens_limit must be >= default_max_tokens")
         if self.frame_cache_mb < 0:
             raise LineInspectError("describe config: frame_cache_mb must be >= 0")
-        if not 0 <= self.decode_nice <= 19:
-            raise LineInspectError("describe config: decode_nice must be in 0..19")
 
 
 class FrameNotCached(LineInspectError):
@@ -280,18 +274,6 @@ class _Job:
 # --------------------------------------------------------------------------- engine
 
 
-def lower_thread_priority(nice: int) -> None:
-    """Add `nice` to the calling thread's niceness. Linux schedules threads as tasks, so this
-    touches no other thread; where that is not so (or not allowed), it logs and carries on."""
-    if nice <= 0 or not hasattr(os, "setpriority"):
-        return
-    tid = threading.get_native_id()
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
-    except OSError as exc:
-        log.warning("could not lower the decode thread's priority: %s", exc)
-
-
 class DescribeEngine:
     """Owns the report model, its decode thread and the frame-token cache."""
 
@@ -379,7 +361,6 @@ class DescribeEngine:
 
     # ---- the decode thread -----------------------------------------------------------------
     def _run(self) -> None:
-        lower_thread_priority(self.config.decode_nice)
         rows: list[_Job] = []
         cache: KVCache | None = None
         logits: torch.Tensor | None = None  # (B, V) next-token logits of `rows`

@@ -9,7 +9,6 @@ matters, and its <eos> output row is zeroed so greedy answers run to max_tokens.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
@@ -210,11 +209,3 @@ def test_ask_cli_local_and_server(tmp_path: Path, lang_server, inspector, langua
     remote = capsys.readouterr().out.strip()
     assert local and local == remote
     assert main(["ask", "--model", str(tmp_path), str(image)]) == 2  # no model there: one clear error
-
-
-def test_decode_thread_runs_at_lower_priority_than_the_server(lang_server) -> None:
-    """Linux (where the servers run) schedules threads as tasks: only the decode thread is lowered."""
-    thread = lang_server.describer._thread
-    assert thread is not None and thread.is_alive()
-    server = os.getpriority(os.PRIO_PROCESS, 0)
-    assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == min(19, server + DescribeConfig().decode_nice)
