@@ -189,8 +189,11 @@ class Trainer:
     def phase_budget(self, phase: str) -> float | None:
         if self.cfg.time_budget is None:
             return None
-        # Reserve time for the memory bank and calibration, then split the rest between phases.
-        train_time = self.cfg.time_budget * (0.88 - (NAMER_SHARE if self.names_pasted else 0.0)) - self.load_seconds
+        # Reserve time for the memory bank and calibration (12 %, at most 30 s + 4 %: they take seconds to
+        # a minute, not a share of a long budget), then split the rest between phases.
+        budget = self.cfg.time_budget
+        reserve = min(0.12 * budget, 30.0 + 0.04 * budget)
+        train_time = budget * (1 - (NAMER_SHARE if self.names_pasted else 0.0)) - reserve - self.load_seconds
         share = self.cfg.ssl_fraction if phase == "ssl" else 1 - self.cfg.ssl_fraction
         return max(0.0, train_time * share)
 

@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="auto (default): bf16 autocast on GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), "
                    "about twice the training steps per second there; fp32 elsewhere")
     p.add_argument("--name-pasted-kinds", action="store_true",
-                   help="experimental: a line without class labels learns to name defects after the pasted kinds")
+                   help="experimental: a line without class labels learns to name defects after the pasted kinds "
+                        "(a quarter of --time-budget trains the crop namer, training.namer_phase)")
     p.add_argument("--no-bandpass", dest="bandpass", action="store_false",
                    help="ablation: the head does without the image's Laplacian-pyramid bands (vision.bandpass)")
     p.add_argument("--no-ridges", dest="ridges", action="store_false",
