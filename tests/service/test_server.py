@@ -301,7 +301,7 @@ def test_client_cancelling_mid_stream_frees_its_work(server_factory, connect, ti
 
 def test_work_whose_deadline_passed_never_reaches_the_model(server_factory, connect, tiny_inspector,
                                                             media) -> None:
-    # Generous margins: the first stream frame must reach the idle worker within frame_timeout_ms
+    # Generous margins: the first frame to arrive must reach the idle worker within frame_timeout_ms
     # even on a slow shared CI machine, while the frames behind it wait a whole delay_s.
     slow = SlowInspector(tiny_inspector, delay_s=2.0)
     running = server_factory(inspector=slow, max_batch=1, min_batch=1, max_delay_ms=0, frame_timeout_ms=1000)
@@ -317,7 +317,9 @@ def test_work_whose_deadline_passed_never_reaches_the_model(server_factory, conn
     results = list(stub.InspectStream(iter(frames(media, ("cam",), 4)), timeout=30))
     outcomes = [r.WhichOneof("outcome") for r in results]
     detail = [(r.frame_id, o, r.dropped.detail if o == "dropped" else "") for r, o in zip(results, outcomes)]
-    assert [r.frame_id for r in results] == [0, 1, 2, 3] and outcomes[0] == "verdict", detail
+    # Frames decode in parallel, so on a loaded machine frame 1 may reach the queue before frame 0:
+    # whichever arrives first is inspected, the ones behind it wait out the 2 s and are dropped.
+    assert [r.frame_id for r in results] == [0, 1, 2, 3] and outcomes.count("verdict") >= 1, detail
     late = [r for r in results if r.WhichOneof("outcome") == "dropped"]
     assert late and all(r.dropped.reason == pb.Drop.DEADLINE_EXCEEDED for r in late), detail
     assert slow.inspected == 1 + outcomes.count("verdict"), (slow.inspected, detail)
