@@ -20,7 +20,7 @@ from lineinspect.training.data_cache import ImageCache
 from lineinspect.training.named_pasting import paste_named_defects
 from lineinspect.vision.crop_namer import crop_features
 
-POOL_SHARE = 0.35  # of the phase's time: rendering the first pool; the rest trains (and renders more)
+POOL_SHARE = 0.15  # of the phase's time: rendering the first pool; the rest trains (and renders more as needed)
 POOL_MAX = 16000
 BATCH = 128
 MAX_REUSE = 16  # times each example is seen on average; beyond it, render new ones before the next step
