@@ -53,10 +53,9 @@ PRESET_DEFAULTS = {
 
 
 SOURCE_MARGIN = 0.03  # validation AUROC lead another score source needs over the learned head
-# Naming the pasted kinds on a line without class labels: after training, the class layers are
-# refitted on this many pasted defects (at most; this share of the time budget) named from the
-# regions the finished model itself marks, exactly as at inference (`fit_namer`).
-NAMER_SHARE = 0.25  # of the time budget: the namer phase, where pasted kinds are named
+# Naming the pasted kinds on a line without class labels (--name-pasted-kinds): after the defect
+# training, the crop namer trains alone on a pool of pasted kinds (training.namer_phase).
+NAMER_SHARE = 0.25  # of the time budget
 
 
 @dataclass(frozen=True)

@@ -158,7 +158,6 @@ class HeadOutput(NamedTuple):
     image_logit: torch.Tensor  # (B,) image-level defect logit
     class_logits: torch.Tensor | None  # (B, K) or None without classes
     novelty: torch.Tensor | None  # (B, 1, S/8, S/8) self-similarity novelty (1 = typical), if enabled
-    class_features: torch.Tensor | None = None  # (B, F) what the class layers read, or None without classes
 
 
 class DefectHead(nn.Module):
@@ -213,7 +212,7 @@ class DefectHead(nn.Module):
         novelty = self_similarity_map(f8) if self.config.self_similarity else None
         if novelty is not None:
             at8.append(novelty.log().to(f8.dtype))
-        band_novelty = bands = None
+        band_novelty = None
         if self.bandpass is not None:
             with torch.autocast(images.device.type, enabled=False):  # faint shading needs fp32
                 bands = self.bandpass(images, f8.shape[-2:])
@@ -239,7 +238,7 @@ class DefectHead(nn.Module):
         if line_peaks is not None:
             stats.append(line_peaks.flatten(1).amax(1).to(peak.dtype))
         image_logit = self.image_out(torch.cat([pooled, torch.stack(stats, 1)], 1)).squeeze(1)
-        class_logits = class_features = None
+        class_logits = None
         if self.class_out is not None:
             if self.config.class_pooling in ("mask", "crop"):
                 region = class_region
@@ -251,6 +250,5 @@ class DefectHead(nn.Module):
                 else:
                     pooled = torch.cat([cls, mask_pooled(region, [at8[0], x8, f8]),
                                         region_stats(region, images).to(cls.dtype)], 1)
-            class_features = pooled
             class_logits = self.class_out(pooled)
-        return HeadOutput(mask_logits, image_logit, class_logits, novelty, class_features)
+        return HeadOutput(mask_logits, image_logit, class_logits, novelty)
