@@ -508,6 +508,23 @@ def kernel_entry(fn: Fn, x: torch.Tensor, top: int = 8) -> dict:
                     + ", ".join(f"{k[:40]} {v:.0f} us" for k, v in costliest[:4])}
 
 
+def grouped_gemm_layouts(rec: Recorder, experts: RoutedExperts, rows: int, device: torch.device, plan: Plan) -> None:
+    """The gate-up grouped GEMM alone on `rows` balanced rows, with the expert weights stored as
+    they are (E, C, 2H) row-major, and column-major (the same matrices, transposed storage)."""
+    if device.type != "cuda":
+        rec.skip(f"grouped GEMM layouts, {rows} rows", "needs CUDA")
+        return
+    E = experts.n_experts
+    x = torch.randn(rows, experts.width, device=device, dtype=BF16)
+    offs = torch.linspace(rows / E, rows, E, device=device).round().to(torch.int32)
+    w = experts.w_gate_up.detach().to(BF16)
+    layouts = {"row-major": w.contiguous(), "column-major": w.mT.contiguous().mT}
+    flops = 2 * experts.width * 2 * experts.hidden
+    for name, weight in layouts.items():
+        rec.measure(f"grouped GEMM gate-up, {rows} rows, weights {name}", forward_only,
+                    lambda t, wt=weight: torch._grouped_mm(t, wt, offs=offs), x, device, plan, flops, graph=True)
+
+
 def ratio_entry(name: str, fwd: dict[str, dict | None]) -> dict:
     """grouped_mm forward time over the dense SwiGLU's, eager and from CUDA graphs (issue 5's target)."""
     entry: dict[str, Any] = {"name": name}
@@ -554,6 +571,11 @@ def moe_section(rec: Recorder, plan: Plan, device: torch.device) -> None:
                 fwd["grouped_mm graph"] = cuda_measure(rec, f"MoE grouped_mm {n_tokens} tok fwd, CUDA graph", device,
                                                        forward_only, moe, x, device, plan, flops, graph=True)
                 cuda_measure(rec, f"MoE grouped_mm {n_tokens} tok fwd, GPU kernels", device, kernel_entry, moe, x)
+                block.overlap_shared = False  # the A/B of the shared experts' side stream
+                cuda_measure(rec, f"MoE grouped_mm {n_tokens} tok fwd, CUDA graph, shared on the main stream",
+                             device, forward_only, moe, x, device, plan, flops, graph=True)
+                block.overlap_shared = True
+                grouped_gemm_layouts(rec, block.experts, n_tokens * cfg.top_k, device, plan)
             rec.measure(f"MoE {impl} {n_tokens} tok fwd+bwd", forward_backward, block, moe, x, device, plan, flops)
         fwd["dense eager"] = rec.measure(f"dense SwiGLU {n_tokens} tok fwd", forward_only, dense, x, device, plan,
                                          flops)

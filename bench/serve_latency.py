@@ -26,13 +26,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
+import multiprocessing
 import os
 import platform
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Coroutine, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -162,6 +168,20 @@ def bench_model(inspector: Inspector, frames: list[np.ndarray], n: int, warmup: 
     return {**summarize(samples), "defect_fraction": defects / n}
 
 
+def bench_model_batch(inspector: Inspector, frames: list[np.ndarray], batch: int, calls: int) -> dict:
+    """Model-only throughput: inspect_batch on `batch` decoded frames per call (the bare rate a
+    server's frames/s is compared with)."""
+    images = [frames[i % len(frames)] for i in range(batch)]
+    inspector.inspect_batch(images)  # warm
+    samples = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        inspector.inspect_batch(images)
+        samples.append((time.perf_counter() - t0) * 1000)
+    stats = summarize(samples)
+    return {**stats, "batch": batch, "frames_per_s": batch * 1000 / stats["p50_ms"]}
+
+
 async def _engine_samples(engine: InspectionEngine, jpegs: list[bytes], n: int,
                           warmup: int) -> tuple[list[float], list[dict[str, float]]]:
     samples, stages = [], []
@@ -194,30 +214,63 @@ class StreamLog:
 
 
 def run_stream(port: int, camera_id: str, jpegs: list[bytes], frames: int, warmup: int,
-               start: threading.Barrier) -> StreamLog:
-    """One camera: an InspectStream call on its own channel, one frame in flight at a time."""
+               start_at: float, seconds: float | None = None) -> StreamLog:
+    """One camera: an InspectStream call on its own channel, one frame in flight at a time,
+    starting at perf_counter time `start_at` (the same clock in every process of this machine).
+    It sends `warmup` frames, then `frames` measured ones, or measured ones for `seconds`."""
     log = StreamLog()
     turn = threading.Semaphore(1)
     sent_at: dict[int, float] = {}
 
     def requests() -> Iterator[pb.Frame]:
-        for i in range(warmup + frames):
+        stop_at = math.inf
+        for i in itertools.count():
             turn.acquire()
-            sent_at[i] = time.perf_counter()
+            now = time.perf_counter()
             if i == warmup:
-                log.first_send = sent_at[i]
+                log.first_send = now
+                stop_at = now + seconds if seconds else math.inf
+            if (i >= warmup + frames and not seconds) or now >= stop_at:
+                return
+            sent_at[i] = now
             yield pb.Frame(camera_id=camera_id, frame_id=i, image=pb.Image(encoded=jpegs[i % len(jpegs)]))
 
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        grpc.channel_ready_future(channel).result(timeout=30)
+        grpc.channel_ready_future(channel).result(timeout=60)
         stub = pb_grpc.InspectionServiceStub(channel)
-        start.wait()
+        time.sleep(max(0.0, start_at - time.perf_counter()))
         for reply in stub.InspectStream(requests()):
             now = time.perf_counter()
             if reply.frame_id >= warmup:
                 _record(log, reply, (now - sent_at[reply.frame_id]) * 1000, now)
             turn.release()
     return log
+
+
+def stream_group(ports: list[int], jpegs: list[bytes], cameras: list[int], frames: int, warmup: int,
+                 start_at: float, seconds: float | None) -> list[StreamLog]:
+    """Cameras `cameras`, one thread each, in this process; camera k talks to ports[k % len(ports)]
+    (one server replica per stream, as a round-robin client balancer pins each stream)."""
+    logs: list[StreamLog | BaseException | None] = [None] * len(cameras)
+
+    def worker(i: int, k: int) -> None:
+        try:
+            logs[i] = run_stream(ports[k % len(ports)], f"cam{k}", jpegs[k:] + jpegs[:k], frames, warmup,
+                                 start_at, seconds)
+        except BaseException as exc:  # reported below, in the calling thread
+            logs[i] = exc
+
+    threads = [threading.Thread(target=worker, args=(i, k), name=f"stream-{k}") for i, k in enumerate(cameras)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done = []
+    for entry in logs:
+        if not isinstance(entry, StreamLog):
+            raise entry or RuntimeError("a stream thread ended without a result")
+        done.append(entry)
+    return done
 
 
 def _record(log: StreamLog, reply: pb.FrameResult, latency_ms: float, now: float) -> None:
@@ -229,37 +282,75 @@ def _record(log: StreamLog, reply: pb.FrameResult, latency_ms: float, now: float
     log.last_reply = now
 
 
-def bench_grpc(port: int, jpegs: list[bytes], streams: int, frames: int, warmup: int) -> dict:
-    """`streams` concurrent closed-loop InspectStream calls of `frames` measured frames each."""
-    start = threading.Barrier(streams)
-    logs: list[StreamLog | BaseException | None] = [None] * streams
-
-    def worker(k: int) -> None:
-        try:
-            logs[k] = run_stream(port, f"cam{k}", jpegs[k:] + jpegs[:k], frames, warmup, start)
-        except BaseException as exc:  # reported below, in the main thread
-            start.abort()
-            logs[k] = exc
-
-    threads = [threading.Thread(target=worker, args=(k,), name=f"stream-{k}") for k in range(streams)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    done = []
-    for entry in logs:
-        if not isinstance(entry, StreamLog):
-            raise entry or RuntimeError("a stream thread ended without a result")
-        done.append(entry)
+def bench_grpc(ports: list[int], jpegs: list[bytes], streams: int, frames: int, warmup: int,
+               seconds: float | None = None, client_processes: int = 1) -> dict:
+    """`streams` concurrent closed-loop InspectStream calls of `frames` measured frames each (or
+    `seconds` each), from threads of this process or spread over `client_processes` processes
+    (cameras are other machines: their clients should not share the server's GIL)."""
+    if client_processes <= 1:
+        done = stream_group(ports, jpegs, list(range(streams)), frames, warmup, time.perf_counter() + 1.0, seconds)
+    else:
+        groups = [list(range(streams))[p::client_processes] for p in range(client_processes)]
+        start_at = time.perf_counter() + 20.0  # spawned processes import torch and connect first
+        with ProcessPoolExecutor(len(groups), mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(stream_group, ports, jpegs, g, frames, warmup, start_at, seconds)
+                       for g in groups if g]
+            done = [log for f in futures for log in f.result()]
     latencies = [x for log in done for x in log.latencies_ms]
     wall = max(log.last_reply for log in done) - min(log.first_send or math.inf for log in done)
     return {
         **summarize(latencies),
         "streams": streams,
+        "replicas": len(ports),
+        "client_processes": client_processes,
+        "wall_s": wall,
         "frames_per_s": len(latencies) / wall if wall > 0 else 0.0,
         "drops": sum(log.drops for log in done),
         "server_stages_p50": stage_medians([row for log in done for row in log.stages]),
     }
+
+
+# ------------------------------------------------------------------------------ replicas
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_replicas(args: argparse.Namespace, config: ServerConfig, count: int) -> list[tuple[subprocess.Popen, int]]:
+    """`count` more servers of the same model as `lineinspect serve` processes on free ports, each
+    with its own copy of the model (and graphs) on the device; returns once all are ready."""
+    model = ["--model", str(args.model)] if args.model is not None else ["--untrained", args.preset]
+    replicas = []
+    for _ in range(count):
+        port = free_port()
+        cmd = [sys.executable, "-c", "import sys; from lineinspect.service.cli import main; sys.exit(main())",
+               "serve", *model, "--device", args.device, "--port", str(port), "--precision", args.precision,
+               "--max-batch", str(config.max_batch), "--min-batch", str(config.min_batch),
+               "--max-delay-ms", str(config.max_delay_ms), "--decode-workers", str(config.decode_threads)]
+        if not args.cuda_graphs:
+            cmd.append("--no-cuda-graphs")
+        replicas.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port))
+    for proc, port in replicas:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            try:
+                grpc.channel_ready_future(channel).result(timeout=300)
+            except grpc.FutureTimeoutError:
+                stop_replicas(replicas)
+                raise RuntimeError(f"replica on port {port} not ready in 300 s (exit code {proc.poll()})") from None
+    return replicas
+
+
+def stop_replicas(replicas: list[tuple[subprocess.Popen, int]]) -> None:
+    for proc, _ in replicas:
+        proc.terminate()
+    for proc, _ in replicas:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 # ------------------------------------------------------------------------------ report
@@ -282,6 +373,9 @@ def table(results: dict) -> str:
         return "| " + " | ".join(cells) + " |"
 
     lines.append(row("model only (inspect_batch)", "–", results["model"]))
+    mb = results["model_batch"]
+    lines.append(f"| model only, batch {mb['batch']} | – | {mb['p50_ms']:.1f} | {mb['p90_ms']:.1f} | "
+                 f"{mb['p99_ms']:.1f} | {mb['frames_per_s']:.0f} |" + " |" * (header.count("|") - 7))
     lines.append(row("engine, no gRPC", "1", results["engine"]))
     for streams, r in results["grpc"].items():
         lines.append(row("gRPC InspectStream", streams, r))
@@ -333,6 +427,14 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--jpeg-quality", type=int, default=90)
     ap.add_argument("--distinct-frames", type=positive, default=16, help="different frames to cycle through")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seconds", type=float, default=None,
+                    help="gRPC phases: each stream sends measured frames for this long instead of --frames")
+    ap.add_argument("--client-processes", type=positive, default=1,
+                    help="spread the gRPC streams over this many client processes (default 1: threads of this one)")
+    ap.add_argument("--replicas", type=positive, default=1,
+                    help="server replicas: this process's server plus N-1 `lineinspect serve` processes; "
+                    "stream k goes to replica k mod N (default 1)")
+    ap.add_argument("--decode-workers", type=int, default=0, help="server decode threads (default 0: by device)")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     return ap.parse_args()
 
@@ -344,26 +446,37 @@ def main() -> None:
         frames = render_frames(args.distinct_frames, args.seed)
     jpegs = [encode_jpeg(f, args.jpeg_quality) for f in frames]
     config = ServerConfig(port=0, device=args.device, min_batch=min(args.min_batch, args.max_batch),
-                          max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, grace_s=2.0)
+                          max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, grace_s=2.0,
+                          decode_workers=args.decode_workers)
     results: dict[str, Any] = {
         "setup": {"preset": inspector.preset, "model": str(args.model) if args.model else None,
                   "device": args.device, "frame": f"{WIDTH}x{HEIGHT} JPEG q{args.jpeg_quality}",
                   "jpeg_kib_mean": float(np.mean([len(j) for j in jpegs]) / 1024), "frames": args.frames,
                   "warmup": args.warmup, "min_batch": config.min_batch, "max_batch": config.max_batch,
                   "max_delay_ms": config.max_delay_ms, "cuda_graphs": inspector.info()["cuda_graphs"],
-                  "precision": str(getattr(inspector, "autocast_dtype", None) or "fp32")},
+                  "precision": str(getattr(inspector, "autocast_dtype", None) or "fp32"),
+                  "decode_threads": config.decode_threads, "replicas": args.replicas,
+                  "client_processes": args.client_processes, "seconds": args.seconds},
         "machine": machine(),
     }
     loop = LoopThread()
     running: RunningServer = loop.run(start_server(config, inspector))
+    replicas = start_replicas(args, config, args.replicas - 1) if args.replicas > 1 else []
+    ports = [running.port] + [port for _, port in replicas]
     try:
         # on the server's worker thread, the one thread that runs the model (vision.cpu_threads)
         results["model"] = loop.run(running.engine.batcher.run_on_worker(
             bench_model, inspector, frames, args.frames, args.warmup))
+        results["model_batch"] = loop.run(running.engine.batcher.run_on_worker(
+            bench_model_batch, inspector, frames, config.max_batch, 20 if args.device.startswith("cuda") else 3))
         results["engine"] = bench_engine(loop, running.engine, jpegs, args.frames, args.warmup)
-        results["grpc"] = {str(s): bench_grpc(running.port, jpegs, s, args.frames, args.warmup)
+        results["grpc"] = {str(s): bench_grpc(ports, jpegs, s, args.frames, args.warmup, args.seconds,
+                                              args.client_processes)
                            for s in args.streams}
+        for r in results["grpc"].values():
+            r["vs_model_batch"] = r["frames_per_s"] / results["model_batch"]["frames_per_s"]
     finally:
+        stop_replicas(replicas)
         loop.run(running.stop(1.0))
         loop.close()
     results["machine"]["load_average_end"] = os.getloadavg()

@@ -30,8 +30,11 @@ class MoEBlock(nn.Module):
     Dispatch, all on the device with static shapes (no host sync, so the block runs under a CUDA
     graph): the N * k (token, slot) assignments are sorted by expert (stable, so within an expert the
     earlier token in flattened B*T order comes first); each group's bounds are searched in the
-    sorted experts; the token rows are gathered in that order, all experts run grouped, and the
-    weighted results are added per token onto the shared experts' output.
+    sorted experts; the token rows are gathered in that order and all experts run grouped. The
+    results go back to (token, slot) order through the inverse permutation (a gather, not an
+    atomic scatter-add) and one batched product per token weights its k rows and adds them onto
+    the shared experts' output. On a GPU at inference the shared experts run on a side stream
+    while the routing and the grouped GEMMs run on the main one.
 
     Capacity (training only): an expert keeps its first `capacity` assignments. The rest are
     counted in `MoEStats.overflow` and their router weight is zeroed: they still flow through the
@@ -51,28 +54,53 @@ class MoEBlock(nn.Module):
         # n shared experts of hidden h are one SwiGLU of hidden n * h (same function, one matmul).
         shared_hidden = config.n_shared_experts * (config.shared_expert_hidden or config.expert_hidden)
         self.shared = SwiGLU(config.width, shared_hidden) if config.n_shared_experts else None
+        self.overlap_shared = True  # side stream for the shared experts (CUDA, no autograd); off for A/B timing
+        self._side_stream: torch.cuda.Stream | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         B, T, C = x.shape
         flat = x.reshape(-1, C)  # (N, C)
         N, k, E = flat.shape[0], self.top_k, self.n_experts
+        side = self._shared_stream(flat)
+        if side is not None:  # the shared experts overlap the routing below
+            side.wait_stream(torch.cuda.current_stream(flat.device))
+            with torch.cuda.stream(side):
+                shared = self.shared(flat)
         route = self.router(flat)
 
-        expert, order = route.indices.reshape(-1).sort(stable=True)  # (M = N * k,) experts; assignment ids
-        bounds = torch.searchsorted(expert, torch.arange(E + 1, device=x.device))  # (E + 1,) group starts, M
-        counts = bounds[1:] - bounds[:-1]  # (E,)
-        weight = route.weights.reshape(-1).index_select(0, order)  # (M,) float32
+        # int32 keys: half the radix-sort passes of int64
+        expert, order = route.indices.reshape(-1).to(torch.int32).sort(stable=True)  # (M = N * k,)
+        groups = torch.arange(E + 1, device=x.device, dtype=torch.int32)
+        bounds = torch.searchsorted(expert, groups, out_int32=True)  # (E + 1,) group starts, M
+        counts = (bounds[1:] - bounds[:-1]).long()  # (E,)
+        positions = torch.arange(N * k, device=x.device)
+        inverse = torch.empty_like(order).scatter_(0, order, positions)  # sorted row of each assignment
+        weight = route.weights  # (N, k) float32
         if self.training and self.capacity_factor is not None:
             capacity = expert_capacity(self.capacity_factor, N, k, E)
-            rank = torch.arange(N * k, device=x.device) - bounds.index_select(0, expert)  # place in its group
-            weight = weight * (rank < capacity)
+            rank = positions - bounds.index_select(0, expert)  # place in its group, sorted order
+            weight = weight * (rank < capacity).index_select(0, inverse).view(N, k)
             overflow = (counts - capacity).clamp(min=0)
         else:
             overflow = torch.zeros_like(counts)
 
-        token = order // k  # (M,) token of each assignment
-        y = self.experts(flat.index_select(0, token), bounds[1:].to(torch.int32))  # (M, C)
-        y = y * weight.to(y.dtype)[:, None]
-        out = self.shared(flat) if self.shared is not None else flat.new_zeros(N, C, dtype=y.dtype)
-        out = out.index_add_(0, token, y.to(out.dtype))  # (N, C)
+        y = self.experts(flat.index_select(0, order // k), bounds[1:])  # (M, C), sorted order
+        y = y.index_select(0, inverse).view(N, k, C)  # (token, slot) order
+        w = weight.to(y.dtype).view(N, 1, k)
+        if self.shared is None:
+            out = torch.bmm(w, y)
+        else:
+            if side is None:
+                shared = self.shared(flat)
+            else:
+                torch.cuda.current_stream(flat.device).wait_stream(side)
+            out = torch.baddbmm(shared.to(y.dtype).view(N, 1, C), w, y)  # shared + sum_k w_k y_k
         return out.view(B, T, C), MoEStats(route.logits, counts, overflow)
+
+    def _shared_stream(self, flat: torch.Tensor) -> torch.cuda.Stream | None:
+        """The side stream for the shared experts, where it pays and is safe: CUDA, no autograd."""
+        if self.shared is None or not self.overlap_shared or not flat.is_cuda or torch.is_grad_enabled():
+            return None
+        if self._side_stream is None or self._side_stream.device != flat.device:
+            self._side_stream = torch.cuda.Stream(flat.device)
+        return self._side_stream

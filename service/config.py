@@ -31,7 +31,7 @@ class ServerConfig:
     # Requests.
     max_message_mb: int = 32  # largest gRPC message either way; bigger -> RESOURCE_EXHAUSTED
     max_image_pixels: int = MAX_PIXELS  # decoded width*height limit, checked from the header first
-    decode_workers: int = 0  # threads decoding images and encoding heatmaps; 0 = min(4, CPUs)
+    decode_workers: int = 0  # threads decoding images and encoding heatmaps; 0 = by device (decode_threads)
     stream_window: int = 256  # frames one stream may have in flight before the server stops reading
     frame_timeout_ms: float = 2000.0  # a stream frame older than this is dropped (DEADLINE_EXCEEDED); 0 = off
 
@@ -85,7 +85,13 @@ class ServerConfig:
 
     @property
     def decode_threads(self) -> int:
-        return self.decode_workers or min(4, os.cpu_count() or 1)
+        """Decode pool size. On a CPU device the model needs the cores, so at most 4; on a GPU
+        decoding is the host's main work (32 cameras of 640x480 JPEG at 1.5 ms each need ~4 cores
+        for 2,500 frames/s), so all cores but one for the event loop and the batch worker, up to 16."""
+        if self.decode_workers:
+            return self.decode_workers
+        cpus = os.cpu_count() or 1
+        return min(4, cpus) if self.device == "cpu" else max(1, min(16, cpus - 1))
 
     def to_dict(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
