@@ -575,6 +575,10 @@ def moe_section(rec: Recorder, plan: Plan, device: torch.device) -> None:
                 cuda_measure(rec, f"MoE grouped_mm {n_tokens} tok fwd, CUDA graph, shared on the main stream",
                              device, forward_only, moe, x, device, plan, flops, graph=True)
                 block.overlap_shared = True
+                block.experts.split_gate_up = False  # the A/B of gate and up as two grouped GEMMs
+                cuda_measure(rec, f"MoE grouped_mm {n_tokens} tok fwd, CUDA graph, gate-up as one GEMM",
+                             device, forward_only, moe, x, device, plan, flops, graph=True)
+                block.experts.split_gate_up = True
                 grouped_gemm_layouts(rec, block.experts, n_tokens * cfg.top_k, device, plan)
             rec.measure(f"MoE {impl} {n_tokens} tok fwd+bwd", forward_backward, block, moe, x, device, plan, flops)
         fwd["dense eager"] = rec.measure(f"dense SwiGLU {n_tokens} tok fwd", forward_only, dense, x, device, plan,

@@ -30,6 +30,7 @@ from lineinspect.images import check_size, decode_image, encode_png, header_size
 from lineinspect.service.batcher import Batcher, BatcherConfig, Priority
 from lineinspect.service.config import ServerConfig
 from lineinspect.service.metrics import ServiceMetrics
+from lineinspect.vision.inspector import FrameOutput
 from lineinspect.vision.result import Inspection
 
 if TYPE_CHECKING:
@@ -43,10 +44,9 @@ class InspectorLike(Protocol):
 
     input_size: int  # model input side: frames may be decoded shrunk down to it, never below
 
-    def inspect_batch(
-        self, images: list[np.ndarray], heatmaps: list[bool] | bool = False,
-        sizes: list[tuple[int, int]] | None = None,
-    ) -> list[Inspection]: ...
+    def run_batch(self, images: list[np.ndarray]) -> list[FrameOutput]: ...
+
+    def finish(self, out: FrameOutput, size: tuple[int, int], heatmap: bool = False) -> Inspection: ...
 
     def info(self) -> dict: ...
 
@@ -148,8 +148,9 @@ class _Task:
 
 @dataclass(frozen=True)
 class _Output:
-    inspection: Inspection
-    height: int  # of the decoded input image
+    frame: FrameOutput
+    inspection: Inspection | None  # None: the worker left `finish` to the caller (work was waiting)
+    height: int  # of the image as sent
     width: int
     tokens: Any = None  # (N, D) float16 evidence tokens when the task asked for them
 
@@ -200,7 +201,7 @@ class InspectionEngine:
         if warmup:  # on the batches' own thread: it owns the process's OpenMP team (vision.cpu_threads)
             t0 = time.perf_counter()
             blank = np.zeros((32, 32, 3), np.uint8)
-            await self.batcher.run_on_worker(self.inspector.inspect_batch, [blank])
+            await self.batcher.run_on_worker(self.inspector.run_batch, [blank])
             log.info("model warm", extra={"warmup_ms": round((time.perf_counter() - t0) * 1000, 1)})
 
     def drain(self) -> None:
@@ -247,22 +248,30 @@ class InspectionEngine:
             source, priority=priority, deadline=deadline, prepare=prepare, wait=wait
         )
         output: _Output = done.value
-        inspection = output.inspection
         t0 = time.perf_counter()
-        png = b""
-        if want_heatmap and inspection.heatmap is not None:
-            png = await loop.run_in_executor(self._pool, heatmap_png, inspection.heatmap)
+        inspection, png = output.inspection, b""
+        worker_post_ms = inspection.timings_ms.get("post", 0.0) if inspection is not None else 0.0
+        if inspection is None or want_heatmap:
+            inspection, png = await loop.run_in_executor(self._pool, self._finish, output, want_heatmap)
         encode_ms = (time.perf_counter() - t0) * 1000
         timings = {
             "queue": done.queued_s * 1000,
             "decode": done.prepare_s * 1000,
             "model": done.run_s * 1000,
-            "post": inspection.timings_ms.get("post", 0.0) + encode_ms,
+            "post": worker_post_ms + encode_ms,  # in the worker, and here (pool hand-over included)
             "total": (time.perf_counter() - received) * 1000,
         }
         for stage, ms in timings.items():
             self.metrics.observe_stage(stage, ms / 1000)
         return EngineResult(inspection, png, output.width, output.height, timings, done.batch_size, output.tokens)
+
+    def _finish(self, output: _Output, want_heatmap: bool) -> tuple[Inspection, bytes]:
+        """In the pool: the frame's Inspection (unless the worker made it) and its heatmap PNG."""
+        inspection = output.inspection
+        if inspection is None:
+            inspection = self.inspector.finish(output.frame, (output.height, output.width), want_heatmap)
+        png = heatmap_png(inspection.heatmap) if want_heatmap and inspection.heatmap is not None else b""
+        return inspection, png
 
     def _process(self, tasks: list[_Task]) -> list[_Output | BaseException]:
         """Runs in the batch worker thread: one model call for the batch. If the batch call
@@ -275,7 +284,7 @@ class InspectionEngine:
 
     def _process_batch(self, tasks: list[_Task]) -> list[_Output | BaseException]:
         try:
-            results: list[Inspection | BaseException]
+            results: list[FrameOutput | BaseException]
             results, tokens = self._inspect(tasks)
         except Exception as exc:
             if len(tasks) == 1:
@@ -293,6 +302,10 @@ class InspectionEngine:
             tokens = rows
         if len(results) != len(tasks):
             raise RuntimeError(f"inspector returned {len(results)} results for {len(tasks)} images")
+        # With work waiting, the verdicts, boxes and heatmaps are left to the callers (in the pool,
+        # in parallel), so the device gets its next batch sooner; otherwise they are made here,
+        # which spares a lone camera a thread hand-over.
+        defer = self.batcher.depth(Priority.FAST) > 0 or self.batcher.depth(Priority.BULK) > 0
         outputs: list[_Output | BaseException] = []
         for i, (r, t) in enumerate(zip(results, tasks, strict=True)):
             if isinstance(r, BaseException):
@@ -301,18 +314,21 @@ class InspectionEngine:
             row = tokens[i].clone() if tokens is not None and tokens[i] is not None else None  # own memory
             if row is not None and t.frame_key is not None and self.frame_cache is not None:
                 self.frame_cache.put(t.frame_key, row)
-            outputs.append(_Output(r, t.size[0], t.size[1], row if t.want_tokens else None))
+            try:
+                inspection = None if defer else self.inspector.finish(r, t.size, t.want_heatmap)
+            except Exception as exc:
+                outputs.append(exc)
+                continue
+            outputs.append(_Output(r, inspection, t.size[0], t.size[1], row if t.want_tokens else None))
         return outputs
 
-    def _inspect(self, tasks: list[_Task]) -> tuple[list[Inspection], Any]:
-        """One inspector call; with a tap and a task that needs them, also the evidence tokens (B, N, D)."""
+    def _inspect(self, tasks: list[_Task]) -> tuple[list[FrameOutput], Any]:
+        """One model call; with a tap and a task that needs them, also the evidence tokens (B, N, D)."""
         images = [t.image for t in tasks]
-        flags = [t.want_heatmap for t in tasks]
-        sizes = [t.size for t in tasks]
         if self.tap is None or not any(t.frame_key is not None or t.want_tokens for t in tasks):
-            return list(self.inspector.inspect_batch(images, flags, sizes)), None
+            return list(self.inspector.run_batch(images)), None
         with self.tap.capture() as outputs:
-            results = list(self.inspector.inspect_batch(images, flags, sizes))
+            results = list(self.inspector.run_batch(images))
         return results, self.tap.tokens(outputs)
 
     def info(self) -> dict:

@@ -29,6 +29,16 @@ SCORE_SOURCES = ("image", "map", "head", "memory", "novelty", "fused")
 
 
 @dataclass(frozen=True)
+class FrameOutput:
+    """One frame's model output on the host, from which `Inspector.finish` makes its Inspection."""
+
+    score: float  # the calibrated image score
+    small_map: np.ndarray  # (S, S) float32 anomaly map at model resolution
+    probs: np.ndarray | None  # (K,) class probabilities, when the classes are named
+    model_ms: float  # this frame's share of its batch's model call
+
+
+@dataclass(frozen=True)
 class Calibration:
     score_source: str = "head"  # which image score decides (chosen on validation)
     threshold: float = 0.5  # image score >= threshold -> defect
@@ -180,10 +190,18 @@ class Inspector:
         """RGB uint8 (H,W,3) images of any size -> one Inspection each (boxes in input pixels).
 
         `sizes`: each image's (H, W) as sent, when it was decoded shrunk; heatmaps and boxes are
-        given in those pixels."""
+        given in those pixels. The same as `run_batch` followed by `finish` for each frame."""
+        want = heatmaps if isinstance(heatmaps, list) else [heatmaps] * len(images)
+        outputs = self.run_batch(images)
+        return [self.finish(out, sizes[i] if sizes is not None else images[i].shape[:2], want[i])
+                for i, out in enumerate(outputs)]
+
+    def run_batch(self, images: list[np.ndarray]) -> list[FrameOutput]:
+        """The model part of a batch: RGB uint8 frames -> each frame's score, map and class
+        probabilities on the host. The serving engine's batch worker calls only this, so that
+        the host-side `finish` of a large batch can run elsewhere while the device takes the next."""
         if not images:
             return []
-        want = heatmaps if isinstance(heatmaps, list) else [heatmaps] * len(images)
         t0 = time.perf_counter()
         cal = self.calibration
         if self.graphs is not None:
@@ -195,27 +213,29 @@ class Inspector:
             maps = out.anomaly_map[:, 0].float().cpu().numpy()  # (B, S, S)
             probs = (torch.softmax(out.class_logits.float(), 1).cpu().numpy()
                      if out.class_logits is not None and cal.class_names else None)
-        t1 = time.perf_counter()
-        results = []
-        for i, image in enumerate(images):
-            h, w = sizes[i] if sizes is not None else image.shape[:2]
-            is_defect = bool(score[i] >= cal.threshold)
-            cls_name, cls_prob = "", 0.0
-            if probs is not None:
-                k = int(probs[i].argmax())
-                cls_name, cls_prob = cal.class_names[k], float(probs[i, k])
-            heat = upsample_map(maps[i], h, w) if want[i] else None
-            boxes = self.boxes(maps[i], cls_name, w, h) if is_defect else []
-            results.append(Inspection(
-                score=float(score[i]), is_defect=is_defect, threshold=cal.threshold,
-                defect_class=cls_name if is_defect else "", class_prob=cls_prob if is_defect else 0.0,
-                boxes=boxes, heatmap=heat if want[i] else None,
-            ))
-        t2 = time.perf_counter()
-        per_image_model = (t1 - t0) * 1000 / len(images)
-        for r in results:
-            r.timings_ms.update(model=per_image_model, post=(t2 - t1) * 1000 / len(images))
-        return results
+        model_ms = (time.perf_counter() - t0) * 1000 / len(images)
+        return [FrameOutput(float(score[i]), maps[i], None if probs is None else probs[i], model_ms)
+                for i in range(len(images))]
+
+    def finish(self, out: FrameOutput, size: tuple[int, int], heatmap: bool = False) -> Inspection:
+        """One frame's verdict, class, boxes and (on request) heatmap, in the pixels of `size`
+        (H, W). Host work only (NumPy and OpenCV, no torch): safe on any thread."""
+        t0 = time.perf_counter()
+        cal = self.calibration
+        h, w = size
+        is_defect = bool(out.score >= cal.threshold)
+        cls_name, cls_prob = "", 0.0
+        if out.probs is not None:
+            k = int(out.probs.argmax())
+            cls_name, cls_prob = cal.class_names[k], float(out.probs[k])
+        result = Inspection(
+            score=out.score, is_defect=is_defect, threshold=cal.threshold,
+            defect_class=cls_name if is_defect else "", class_prob=cls_prob if is_defect else 0.0,
+            boxes=self.boxes(out.small_map, cls_name, w, h) if is_defect else [],
+            heatmap=upsample_map(out.small_map, h, w) if heatmap else None,
+        )
+        result.timings_ms.update(model=out.model_ms, post=(time.perf_counter() - t0) * 1000)
+        return result
 
     def _run_graphs(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Score (B,), maps (B, S, S) and class probabilities (B, K) or None, through the graphs in

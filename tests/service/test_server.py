@@ -234,10 +234,13 @@ class SlowInspector:
         self.inner, self.delay_s, self.inspected = inner, delay_s, 0
         self.input_size = inner.input_size
 
-    def inspect_batch(self, images, heatmaps=False, sizes=None):
+    def run_batch(self, images):
         time.sleep(self.delay_s)
         self.inspected += len(images)
-        return self.inner.inspect_batch(images, heatmaps, sizes)
+        return self.inner.run_batch(images)
+
+    def finish(self, out, size, heatmap=False):
+        return self.inner.finish(out, size, heatmap)
 
     def info(self) -> dict:
         return self.inner.info()
@@ -250,9 +253,44 @@ class ThreadRecordingInspector(SlowInspector):
         super().__init__(inner, delay_s=0.0)
         self.threads: list[str] = []
 
-    def inspect_batch(self, images, heatmaps=False, sizes=None):
+    def run_batch(self, images):
         self.threads.append(threading.current_thread().name)
-        return super().inspect_batch(images, heatmaps, sizes)
+        return super().run_batch(images)
+
+
+class FinishRecordingInspector(SlowInspector):
+    """Records which thread made each frame's verdict (`finish`)."""
+
+    def __init__(self, inner) -> None:
+        super().__init__(inner, delay_s=0.05)
+        self.finish_threads: list[str] = []
+
+    def finish(self, out, size, heatmap=False):
+        self.finish_threads.append(threading.current_thread().name)
+        return super().finish(out, size, heatmap)
+
+
+def test_verdicts_left_to_the_pool_while_work_waits_are_the_direct_ones(server_factory, connect, tiny_inspector,
+                                                                         media) -> None:
+    # With frames waiting for the model, the batch worker leaves verdicts and heatmaps to the decode
+    # pool (the device gets its next batch sooner); the last batch, with nothing waiting, makes its own.
+    recording = FinishRecordingInspector(tiny_inspector)
+    running = server_factory(inspector=recording, max_batch=2, min_batch=1, max_delay_ms=0)
+    stub = connect.stub(running.port)
+    images = [media.sample(48 + 8 * (i % 3), 64, seed=i) for i in range(10)]
+    calls = [stub.Inspect.future(pb.InspectRequest(image=pb.Image(encoded=media.png(image)),
+                                                   options=pb.InspectOptions(want_heatmap=True)), timeout=60)
+             for image in images]
+    replies = [c.result() for c in calls]
+    pooled = [name for name in recording.finish_threads if name.startswith("lineinspect-decode")]
+    assert pooled and len(pooled) < len(images), recording.finish_threads
+    for reply, image, direct in zip(replies, images, tiny_inspector.inspect_batch(images, heatmaps=True), strict=True):
+        v = reply.verdict
+        assert (v.image_height, v.image_width) == image.shape[:2]
+        assert v.score == pytest.approx(direct.score, abs=1e-4) and v.is_defect == direct.is_defect
+        heat = cv2.imdecode(np.frombuffer(v.heatmap_png, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert heat.shape == image.shape[:2]
+        assert np.abs(heat / 255.0 - direct.heatmap).max() < 0.01
 
 
 def test_every_model_call_warm_up_included_runs_on_one_thread(server_factory, connect, tiny_inspector,
