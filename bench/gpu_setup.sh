@@ -5,7 +5,7 @@ export PYTHONUNBUFFERED=1
 log() { echo "$(date +%T) $*" | tee -a "$OUT/log.txt"; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site
-timeout 120 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT/pip.txt" 2>&1
+timeout 120 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > /tmp/pip.txt 2>&1
 python3 -c "import torch, timm, google.protobuf, grpc; print('torch', torch.__version__, 'timm', timm.__version__, 'protobuf', google.protobuf.__version__, 'grpc', grpc.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/log.txt"
 log installed
 # The synthetic metal line: training split (seed 1) and held-out test split (seed 2) under $1.

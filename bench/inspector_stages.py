@@ -15,12 +15,14 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from serve_latency import render_frames  # noqa: I001  (bench/ is the working directory)
+from serve_latency import render_frames  # bench/, the script's directory, is on sys.path
 
 from lineinspect.vision.cuda_graphs import bucket_for
+from lineinspect.vision.inspector import Inspector
 from lineinspect.vision.model_io import untrained_inspector
 from lineinspect.vision.preprocess import frames_into
 
@@ -50,6 +52,16 @@ def kernels(fn: Callable[[], object], top: int = 12) -> dict:
             "top_us": dict(sorted(((k, round(v, 1)) for k, v in busy.items()), key=lambda kv: -kv[1])[:top])}
 
 
+def stage_times(inspector: Inspector, batch: list[np.ndarray], bucket: Any, device: torch.device, calls: int) -> dict:
+    runner = inspector.graphs
+    return {
+        "upload_resize": timed(lambda: frames_into(batch, bucket.images), device, calls),
+        "replay": timed(bucket.graph.replay, device, calls),
+        "runner_run": timed(lambda: runner.run(batch), device, calls),
+        "inspect_batch": timed(lambda: inspector.inspect_batch(batch), device, calls),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="l14")
@@ -61,17 +73,14 @@ def main() -> None:
     device = torch.device(args.device)
     inspector = untrained_inspector(args.preset, args.device)
     runner = inspector.graphs
+    if runner is None:
+        raise SystemExit("inspector_stages.py measures the CUDA-graph path: run it with --device cuda on a GPU")
     frames = render_frames(16, 0)
     results: dict = {"preset": args.preset, "cal": inspector.calibration.to_dict()}
     for b in args.batches:
         batch = [frames[i % len(frames)] for i in range(b)]
         bucket = runner._buckets[bucket_for(b, runner.buckets)]
-        row = {
-            "upload_resize": timed(lambda: frames_into(batch, bucket.images), device, args.calls),
-            "replay": timed(bucket.graph.replay, device, args.calls),
-            "runner_run": timed(lambda: runner.run(batch), device, args.calls),
-            "inspect_batch": timed(lambda: inspector.inspect_batch(batch), device, args.calls),
-        }
+        row = stage_times(inspector, batch, bucket, device, args.calls)
         row["inspect_fps"] = b * 1000 / row["inspect_batch"]["p50_ms"]
         results[f"b{b}"] = row
         print(b, {k: (round(v["p50_ms"], 2) if isinstance(v, dict) else round(v)) for k, v in row.items()}, flush=True)
