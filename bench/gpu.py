@@ -51,7 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from lineinspect.moe_lm.config import preset as decoder_preset
 from lineinspect.moe_lm.experts import RoutedExperts, SwiGLU
 from lineinspect.moe_lm.generate import SamplingConfig, generate
-from lineinspect.moe_lm.moe import MoEBlock
+from lineinspect.moe_lm.moe import DENSE_DISPATCH_ROWS, MoEBlock
 from lineinspect.moe_lm.report_model import EvidenceConfig, ReportModel, evidence_tokens, language_config
 from lineinspect.training.defects import DEFECT_TYPES, render_defect
 from lineinspect.training.surfaces import SURFACES, make_surface
@@ -579,6 +579,10 @@ def moe_section(rec: Recorder, plan: Plan, device: torch.device) -> None:
                 cuda_measure(rec, f"MoE grouped_mm {n_tokens} tok fwd, CUDA graph, gate-up as one GEMM",
                              device, forward_only, moe, x, device, plan, flops, graph=True)
                 block.experts.split_gate_up = True
+                block.dense_dispatch_rows = 0  # the A/B of running every expert on few tokens
+                cuda_measure(rec, f"MoE grouped_mm {n_tokens} tok fwd, CUDA graph, always sorted dispatch",
+                             device, forward_only, moe, x, device, plan, flops, graph=True)
+                block.dense_dispatch_rows = DENSE_DISPATCH_ROWS
                 grouped_gemm_layouts(rec, block.experts, n_tokens * cfg.top_k, device, plan)
             rec.measure(f"MoE {impl} {n_tokens} tok fwd+bwd", forward_backward, block, moe, x, device, plan, flops)
         fwd["dense eager"] = rec.measure(f"dense SwiGLU {n_tokens} tok fwd", forward_only, dense, x, device, plan,

@@ -62,6 +62,7 @@ def stage_times(inspector: Inspector, batch: list[np.ndarray], bucket: Any, devi
     }
 
 
+@torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="l14")

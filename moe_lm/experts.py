@@ -130,6 +130,14 @@ class RoutedExperts(nn.Module):
             return self._grouped_mm(x, offs)
         return self._padded_bmm(x, offs)
 
+    def all_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert on every row: x (N, C) -> (E, N, C), as batched products (inference, few rows)."""
+        dtype, H = _mm_dtype(x), self.hidden
+        w = self.w_gate_up.to(dtype)
+        xs = x.to(dtype).expand(self.n_experts, *x.shape)
+        h = F.silu(torch.bmm(xs, w[:, :, :H])) * torch.bmm(xs, w[:, :, H:])  # (E, N, H)
+        return torch.bmm(h, self.w_down.to(dtype))
+
     def _activate(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.dropout(F.silu(gate) * up, p=self.dropout, training=self.training)

@@ -19,6 +19,11 @@ class MoEStats(NamedTuple):
     overflow: torch.Tensor  # (E,) long: of those, assignments over capacity (weight zeroed)
 
 
+# At inference, while tokens x experts stays within this, every expert runs on every token
+# (`MoEBlock._all_experts`): 16 experts, up to 256 tokens, which covers decoding steps.
+DENSE_DISPATCH_ROWS = 4096
+
+
 def expert_capacity(capacity_factor: float, n_tokens: int, top_k: int, n_experts: int) -> int:
     """Assignments one expert may take: ceil(factor * tokens * top_k / experts), at least 1."""
     return max(1, math.ceil(capacity_factor * n_tokens * top_k / n_experts))
@@ -55,6 +60,7 @@ class MoEBlock(nn.Module):
         shared_hidden = config.n_shared_experts * (config.shared_expert_hidden or config.expert_hidden)
         self.shared = SwiGLU(config.width, shared_hidden) if config.n_shared_experts else None
         self.overlap_shared = True  # side stream for the shared experts (CUDA, no autograd); off for A/B timing
+        self.dense_dispatch_rows = DENSE_DISPATCH_ROWS  # 0 = always sorted dispatch (A/B timing)
         self._side_stream: torch.cuda.Stream | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
@@ -67,35 +73,56 @@ class MoEBlock(nn.Module):
             with torch.cuda.stream(side):
                 shared = self.shared(flat)
         route = self.router(flat)
+        if not self.training and N * E <= self.dense_dispatch_rows:
+            picked, counts, overflow = self._all_experts(flat, route.indices)
+        else:
+            picked, counts, overflow = self._grouped(flat, route)
+        weight = route.weights if overflow is None else route.weights * overflow[1]
+        if self.shared is None:
+            out = None
+        elif side is None:
+            out = self.shared(flat)
+        else:
+            torch.cuda.current_stream(flat.device).wait_stream(side)
+            out = shared
+        w = weight.to(picked.dtype)
+        for j in range(k):  # out + sum_j w_j * y_j, element-wise (a batched (1 x k) product ran as a slow gemv)
+            term = (picked[:, j], w[:, j, None])
+            out = torch.mul(*term) if out is None else torch.addcmul(out.to(picked.dtype), *term)
+        over = overflow[0] if overflow is not None else torch.zeros_like(counts)
+        return out.view(B, T, C), MoEStats(route.logits, counts, over)
 
+    def _grouped(self, flat: torch.Tensor, route) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+        """Sorted dispatch to the grouped experts -> (N, k, C) expert outputs per (token, slot), the
+        per-expert counts, and in training with a capacity (overflow counts, (N, k) keep mask)."""
+        N, C = flat.shape
+        k, E = self.top_k, self.n_experts
         # int32 keys: half the radix-sort passes of int64
         expert, order = route.indices.reshape(-1).to(torch.int32).sort(stable=True)  # (M = N * k,)
-        groups = torch.arange(E + 1, device=x.device, dtype=torch.int32)
+        groups = torch.arange(E + 1, device=flat.device, dtype=torch.int32)
         bounds = torch.searchsorted(expert, groups, out_int32=True)  # (E + 1,) group starts, M
         counts = (bounds[1:] - bounds[:-1]).long()  # (E,)
-        positions = torch.arange(N * k, device=x.device)
+        positions = torch.arange(N * k, device=flat.device)
         inverse = torch.empty_like(order).scatter_(0, order, positions)  # sorted row of each assignment
-        weight = route.weights  # (N, k) float32
+        overflow = None
         if self.training and self.capacity_factor is not None:
             capacity = expert_capacity(self.capacity_factor, N, k, E)
             rank = positions - bounds.index_select(0, expert)  # place in its group, sorted order
-            weight = weight * (rank < capacity).index_select(0, inverse).view(N, k)
-            overflow = (counts - capacity).clamp(min=0)
-        else:
-            overflow = torch.zeros_like(counts)
-
+            keep = (rank < capacity).index_select(0, inverse).view(N, k)
+            overflow = ((counts - capacity).clamp(min=0), keep)
         y = self.experts(flat.index_select(0, order // k), bounds[1:])  # (M, C), sorted order
-        y = y.index_select(0, inverse).view(N, k, C)  # (token, slot) order
-        w = weight.to(y.dtype).view(N, 1, k)
-        if self.shared is None:
-            out = torch.bmm(w, y)
-        else:
-            if side is None:
-                shared = self.shared(flat)
-            else:
-                torch.cuda.current_stream(flat.device).wait_stream(side)
-            out = torch.baddbmm(shared.to(y.dtype).view(N, 1, C), w, y)  # shared + sum_k w_k y_k
-        return out.view(B, T, C), MoEStats(route.logits, counts, overflow)
+        return y.index_select(0, inverse).view(N, k, C), counts, overflow
+
+    def _all_experts(self, flat: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """Few tokens (decoding): every expert on every token as batched products, then each
+        token's k picked -> (N, k, C), per-expert counts. E/k times the FLOPs, but at a few dozen
+        tokens the experts' weights are read once either way and no sort or scatter runs."""
+        N, E = flat.shape[0], self.n_experts
+        y = self.experts.all_tokens(flat)  # (E, N, C)
+        picked = y[indices, torch.arange(N, device=flat.device)[:, None]]  # (N, k, C)
+        counts = torch.zeros(E, dtype=torch.long, device=flat.device).index_add_(
+            0, indices.reshape(-1), torch.ones_like(indices.reshape(-1)))
+        return picked, counts, None
 
     def _shared_stream(self, flat: torch.Tensor) -> torch.cuda.Stream | None:
         """The side stream for the shared experts, where it pays and is safe: CUDA, no autograd."""

@@ -104,11 +104,12 @@ def test_expert_dropout_is_training_only() -> None:
     assert not torch.allclose(dropped, reference, atol=1e-4)
 
 
-@pytest.mark.parametrize("capacity_factor", [None, 0.5])
-def test_grouped_path_never_reads_device_values_on_the_host(capacity_factor: float | None) -> None:
+@pytest.mark.parametrize(("capacity_factor", "mode"), [(None, "train"), (0.5, "train"), (None, "eval")])
+def test_grouped_path_never_reads_device_values_on_the_host(capacity_factor: float | None, mode: str) -> None:
     """Fake tensors carry no data: any .item(), .tolist(), bincount or boolean-mask shape on the
-    path (forward or backward) raises, so passing here means the block can run under a CUDA graph."""
-    block = _block("grouped_mm", capacity_factor=capacity_factor).to(torch.bfloat16).train()
+    path (forward or backward) raises, so passing here means the block can run under a CUDA graph.
+    In eval mode these 18 tokens take the every-expert dispatch of decoding steps."""
+    block = _block("grouped_mm", capacity_factor=capacity_factor).to(torch.bfloat16).train(mode == "train")
     if block.experts.resolve_impl(torch.ones(1, 64, dtype=torch.bfloat16)) != "grouped_mm":
         pytest.skip("torch._grouped_mm does not run on this CPU")
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -119,9 +120,10 @@ def test_grouped_path_never_reads_device_values_on_the_host(capacity_factor: flo
 
 
 @needs_cuda
-def test_block_replays_from_a_cuda_graph() -> None:
+@pytest.mark.parametrize("tokens", [48, 400])  # every-expert dispatch, sorted dispatch
+def test_block_replays_from_a_cuda_graph(tokens: int) -> None:
     block = _block("auto").cuda().to(torch.bfloat16).eval()
-    x = torch.randn(2, 48, 64, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(2, tokens, 64, device="cuda", dtype=torch.bfloat16)
     if block.experts.resolve_impl(x) != "grouped_mm":
         pytest.skip("torch._grouped_mm does not run on this GPU")
     with torch.no_grad():

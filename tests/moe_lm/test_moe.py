@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lineinspect.moe_lm.config import preset
-from lineinspect.moe_lm.moe import MoEBlock, expert_capacity
+from lineinspect.moe_lm.moe import DENSE_DISPATCH_ROWS, MoEBlock, expert_capacity
 from lineinspect.moe_lm.router import Router
 
 
@@ -87,3 +87,17 @@ def test_bias_balancing_shifts_selection_not_weights() -> None:
     torch.testing.assert_close(after.logits, before.logits)  # the bias never touches the logits
     torch.testing.assert_close(after.weights, torch.ones(64, 1))  # top-1 weights stay renormalised
     assert not router.balance_bias.requires_grad
+
+
+def test_few_tokens_run_every_expert_and_agree_with_the_sorted_dispatch() -> None:
+    torch.manual_seed(4)
+    block = MoEBlock(preset("tiny")).eval()
+    x = torch.randn(2, 5, 64)
+    assert 2 * 5 * block.n_experts <= DENSE_DISPATCH_ROWS  # decoding-sized: every expert runs
+    with torch.no_grad():
+        every, every_stats = block(x)
+        block.dense_dispatch_rows = 0
+        grouped, grouped_stats = block(x)
+    torch.testing.assert_close(every, grouped, rtol=1e-5, atol=1e-6)
+    assert torch.equal(every_stats.counts, grouped_stats.counts) and int(every_stats.counts.sum()) == 2 * 5 * 2
+    assert int(every_stats.overflow.sum()) == 0
