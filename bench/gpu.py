@@ -474,7 +474,12 @@ def forward_backward(module: nn.Module, fn: Fn, x: torch.Tensor, device: torch.d
         module.zero_grad(set_to_none=True)
         fn(t.detach().requires_grad_()).backward(grad)
 
-    return forward_entry(step, x, device, plan, 3 * flops, per="tok")
+    was_training = module.training
+    module.train()  # training: the sorted dispatch with capacity, as a training step runs it
+    try:
+        return forward_entry(step, x, device, plan, 3 * flops, per="tok")
+    finally:
+        module.train(was_training)
 
 
 def cuda_measure(rec: Recorder, name: str, device: torch.device, fn: Callable[..., dict], *args: Any,
@@ -546,7 +551,9 @@ def moe_section(rec: Recorder, plan: Plan, device: torch.device) -> None:
     dense_hidden = cfg.top_k * cfg.expert_hidden + shared_hidden
     torch.manual_seed(0)
     with device:
-        block, dense = MoEBlock(cfg).to(BF16), SwiGLU(cfg.width, dense_hidden).to(BF16)
+        # Forward timings in eval mode, as inference runs: decoding-sized inputs (tokens x experts <=
+        # DENSE_DISPATCH_ROWS) run every expert; larger ones the sorted grouped dispatch.
+        block, dense = MoEBlock(cfg).to(BF16).eval(), SwiGLU(cfg.width, dense_hidden).to(BF16)
 
     def moe(x: torch.Tensor) -> torch.Tensor:
         return block(x)[0]
@@ -565,6 +572,7 @@ def moe_section(rec: Recorder, plan: Plan, device: torch.device) -> None:
         fwd: dict[str, dict | None] = {}
         for impl in ("grouped_mm", "padded_bmm", "loop"):
             use_experts(block.experts, impl)
+            block.dense_dispatch_rows = DENSE_DISPATCH_ROWS if impl == "grouped_mm" else 0
             eager = rec.measure(f"MoE {impl} {n_tokens} tok fwd", forward_only, moe, x, device, plan, flops)
             if impl == "grouped_mm":
                 fwd["grouped_mm eager"] = eager
