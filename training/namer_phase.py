@@ -11,6 +11,7 @@ Offline on the synthetic metal line: 0.93 of the held-out defects named right af
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from lineinspect.training.data_cache import ImageCache
 from lineinspect.training.named_pasting import paste_named_defects
 from lineinspect.vision.crop_namer import crop_features
 
+Normalize = Callable[[torch.Tensor], torch.Tensor]  # (B,3,S,S) in [0, 1] -> the model's input
 POOL_SHARE = 0.15  # of the phase's time: rendering the first pool; the rest trains (and renders more as needed)
 POOL_MAX = 16000
 BATCH = 128
@@ -28,9 +30,10 @@ LR = 2e-3
 
 
 def namer_pool(cache: ImageCache, good: torch.Tensor, kinds: tuple[str, ...], g: torch.Generator, deadline: float,
-               limit: int = POOL_MAX) -> tuple[torch.Tensor, torch.Tensor]:
+               normalize: Normalize, limit: int = POOL_MAX) -> tuple[torch.Tensor, torch.Tensor]:
     """Named defects pasted on random good training images, a batch of 32 at least, more until
-    `deadline` or `limit` examples: packed crops (N, F) float16 and kind indices (N,)."""
+    `deadline` or `limit` examples: packed crops (N, F) float16 and kind indices (N,). Crops are
+    cut from `normalize`d images, as the head cuts them from the model's normalised input."""
     size = cache.images.shape[-1]
     crops, names, n = [], [], 0
     while n == 0 or (n < limit and time.monotonic() < deadline):
@@ -41,7 +44,7 @@ def namer_pool(cache: ImageCache, good: torch.Tensor, kinds: tuple[str, ...], g:
         images, masks, _, kind = paste_named_defects(images, empty, torch.zeros(len(idx), dtype=torch.bool),
                                                      kinds, g, share=1.0, sources=sources)
         keep = kind >= 0
-        crops.append(crop_features(images[keep], masks[keep], jitter=g).half())
+        crops.append(crop_features(normalize(images[keep]), masks[keep], jitter=g).half())
         names.append(kind[keep].cpu())
         n += int(keep.sum())
     return torch.cat(crops), torch.cat(names)
@@ -56,7 +59,7 @@ def accuracy(namer: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def train_namer(namer: torch.nn.Module, cache: ImageCache, good: torch.Tensor, kinds: tuple[str, ...],
-                seed: int, seconds: float, device: torch.device) -> dict:
+                seed: int, seconds: float, device: torch.device, normalize: Normalize) -> dict:
     """Train `namer` (in place, float32) for about `seconds` on a pool that keeps growing: where
     steps are cheap (a GPU) rendering is the bottleneck, and a namer that saw the same few
     hundred defects hundreds of times names the held-out line worse than one that saw more
@@ -64,7 +67,7 @@ def train_namer(namer: torch.nn.Module, cache: ImageCache, good: torch.Tensor, k
     where the new one names that fifth worse. Returns notes for the model's calibration."""
     start = time.monotonic()
     g = torch.Generator().manual_seed(seed * 1000 + 777)
-    first_x, first_y = namer_pool(cache, good, kinds, g, start + POOL_SHARE * seconds)
+    first_x, first_y = namer_pool(cache, good, kinds, g, start + POOL_SHARE * seconds, normalize)
     n_held = len(first_y) // 5
     held_x, held_y = first_x[:n_held].to(device), first_y[:n_held].to(device)
     xs, ys = [first_x[n_held:].to(device)], [first_y[n_held:].to(device)]
@@ -78,7 +81,7 @@ def train_namer(namer: torch.nn.Module, cache: ImageCache, good: torch.Tensor, k
     namer.train()
     while time.monotonic() - start < seconds or steps == 0:
         if steps * BATCH >= MAX_REUSE * len(y) and len(y) < POOL_MAX:
-            more_x, more_y = namer_pool(cache, good, kinds, g, deadline=0.0)
+            more_x, more_y = namer_pool(cache, good, kinds, g, 0.0, normalize)
             xs.append(more_x.to(device))
             ys.append(more_y.to(device))
             x, y = torch.cat(xs), torch.cat(ys)

@@ -444,8 +444,13 @@ class Trainer:
     def fit_namer(self) -> dict:
         """The namer phase (training.namer_phase) on the pasted kinds; notes for the calibration."""
         seconds = self.cfg.time_budget * NAMER_SHARE if self.cfg.time_budget else 120.0
+        mean, std = self.model.mean.cpu(), self.model.std.cpu()  # the pool is rendered on the host
+
+        def normalize(images: torch.Tensor) -> torch.Tensor:
+            return (images - mean) / std
+
         return train_namer(self.model.head.class_out, self.train_cache, self.good_idx.cpu(), self.cfg.paste_types,
-                           self.cfg.seed, seconds, self.device)
+                           self.cfg.seed, seconds, self.device, normalize)
 
     def fit_and_save(self) -> Path:
         t = time.monotonic()

@@ -28,13 +28,27 @@ def _cache(n: int, size: int) -> ImageCache:
     )
 
 
+def _identity(images: torch.Tensor) -> torch.Tensor:
+    return images
+
+
 def test_pool_holds_one_crop_per_pasted_defect_with_its_kind() -> None:
     crops, kinds = namer_pool(_cache(8, 64), torch.arange(8), ("scratch", "hole"), torch.Generator().manual_seed(0),
-                              deadline=0.0)
+                              deadline=0.0, normalize=_identity)
     assert crops.shape == (len(kinds), 3 * CROP * CROP + 1) and crops.dtype == torch.float16
     assert 0 < len(kinds) <= 32 and set(kinds.tolist()) <= {0, 1}
-    side = crops[:, -1].float().exp() * 64  # pixels; jittered boxes 0.8-1.3x of at least MIN_SIDE
-    assert bool((side >= 0.8 * MIN_SIDE - 0.01).all()) and bool((side <= 1.3 * 64 * 1.6).all())
+    side = crops[:, -1].float().exp() * 64  # pixels; jittered boxes 0.45-3.5x of at least MIN_SIDE
+    assert bool((side >= 0.45 * MIN_SIDE - 0.01).all()) and bool((side <= 3.5 * 64 * 1.6).all())
+
+
+def test_pool_crops_are_cut_from_the_models_normalised_input() -> None:
+    def shift_red(images: torch.Tensor) -> torch.Tensor:
+        return images + torch.tensor([4.0, 0.0, 0.0]).view(1, 3, 1, 1)
+
+    g = torch.Generator().manual_seed(1)
+    crops, _ = namer_pool(_cache(8, 64), torch.arange(8), ("hole",), g, deadline=0.0, normalize=shift_red)
+    pixels = crops[:, :-1].float().view(-1, 3, CROP * CROP).mean(-1)  # (N, 3) mean per channel
+    assert float((pixels[:, 0] - pixels[:, 1:].amax(1)).median()) > 3.0  # (boxes past the edge read zeros)
 
 
 def test_namer_learns_the_pasted_kinds_and_reports_it() -> None:
@@ -42,7 +56,7 @@ def test_namer_learns_the_pasted_kinds_and_reports_it() -> None:
     namer = CropNamer(2, width=8)
     start = time.monotonic()
     notes = train_namer(namer, _cache(24, 64), torch.arange(24), ("scratch", "hole"), seed=0, seconds=10.0,
-                        device=torch.device("cpu"))
+                        device=torch.device("cpu"), normalize=_identity)
     assert time.monotonic() - start < 60  # the phase keeps to its time (loosely: CI machines are noisy)
     assert notes["namer_examples"] >= 32 and notes["namer_steps"] >= 1
     assert notes["namer_heldout_accuracy"] >= notes["namer_heldout_before"]  # a worse refit is not kept
