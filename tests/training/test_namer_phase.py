@@ -37,7 +37,7 @@ def test_pool_holds_one_crop_per_pasted_defect_with_its_kind() -> None:
                               deadline=0.0, normalize=_identity)
     assert crops.shape == (len(kinds), 3 * CROP * CROP + 1) and crops.dtype == torch.float16
     assert 0 < len(kinds) <= 32 and set(kinds.tolist()) <= {0, 1}
-    side = crops[:, -1].float().exp() * 64  # pixels; jittered boxes 0.45-3.5x of at least MIN_SIDE
+    side = crops[:, -1].float().exp() * 64  # pixels; jittered boxes (0.45-3.5x at most) of at least MIN_SIDE
     assert bool((side >= 0.45 * MIN_SIDE - 0.01).all()) and bool((side <= 3.5 * 64 * 1.6).all())
 
 
