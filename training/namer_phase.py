@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from lineinspect.training.data_cache import ImageCache
 from lineinspect.training.named_pasting import paste_named_defects
 from lineinspect.vision.crop_namer import crop_features
+from lineinspect.vision.precision import autocast
 
 Normalize = Callable[[torch.Tensor], torch.Tensor]  # (B,3,S,S) in [0, 1] -> the model's input
 POOL_SHARE = 0.15  # of the phase's time: rendering the first pool; the rest trains (and renders more as needed)
@@ -59,12 +60,15 @@ def accuracy(namer: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def train_namer(namer: torch.nn.Module, cache: ImageCache, good: torch.Tensor, kinds: tuple[str, ...],
-                seed: int, seconds: float, device: torch.device, normalize: Normalize) -> dict:
+                seed: int, seconds: float, device: torch.device, normalize: Normalize,
+                dtype: torch.dtype | None = None) -> dict:
     """Train `namer` (in place, float32) for about `seconds` on a pool that keeps growing: where
     steps are cheap (a GPU) rendering is the bottleneck, and a namer that saw the same few
     hundred defects hundreds of times names the held-out line worse than one that saw more
-    defects fewer times. A fifth of the first pool is held out; the namer as it came in is kept
-    where the new one names that fifth worse. Returns notes for the model's calibration."""
+    defects fewer times. Steps run under `dtype` autocast (the defect training's: bf16 on a 2-core
+    CPU gave 422 steps in 60 s against 247 in fp32). A fifth of the first pool is held out; the
+    namer as it came in is kept where the new one names that fifth worse. Returns notes for the
+    model's calibration."""
     start = time.monotonic()
     g = torch.Generator().manual_seed(seed * 1000 + 777)
     first_x, first_y = namer_pool(cache, good, kinds, g, start + POOL_SHARE * seconds, normalize)
@@ -90,7 +94,8 @@ def train_namer(namer: torch.nn.Module, cache: ImageCache, good: torch.Tensor, k
         for group in opt.param_groups:  # cosine over the time the phase has left
             group["lr"] = LR * max(0.05, 0.5 * (1 + np.cos(np.pi * done)))
         rows = torch.from_numpy(rng.integers(len(y), size=BATCH)).to(device)
-        loss = F.cross_entropy(namer(x[rows].float()), y[rows], label_smoothing=0.1)
+        with autocast(device, dtype):  # the training's autocast (bf16 where the device has it natively)
+            loss = F.cross_entropy(namer(x[rows].float()), y[rows], label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

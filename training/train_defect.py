@@ -450,7 +450,7 @@ class Trainer:
             return (images - mean) / std
 
         return train_namer(self.model.head.class_out, self.train_cache, self.good_idx.cpu(), self.cfg.paste_types,
-                           self.cfg.seed, seconds, self.device, normalize)
+                           self.cfg.seed, seconds, self.device, normalize, self.autocast)
 
     def fit_and_save(self) -> Path:
         t = time.monotonic()
