@@ -14,6 +14,7 @@ camera goes away the capture thread reopens it the same way. Counters survive re
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import random
 import sys
@@ -152,11 +153,25 @@ class Backoff:
 
 
 def parse_server(server: str) -> str:
-    """Check a HOST:PORT value and return it."""
-    host, sep, port = server.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise LineInspectError(f"--server {server!r}: expected HOST:PORT, for example 127.0.0.1:50051")
-    return server
+    """Check a HOST:PORT value, or a comma-separated list of IPv4 HOST:PORT replicas, and return
+    the gRPC target: the list becomes gRPC's own ``ipv4:`` target, balanced by `open_channel`."""
+    parts = server.split(",")
+    for part in parts:
+        host, sep, port = part.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise LineInspectError(f"--server {server!r}: expected HOST:PORT, for example 127.0.0.1:50051, "
+                                   "or replicas as 10.0.0.1:50051,10.0.0.2:50051")
+        if len(parts) > 1 and not _is_ipv4(host):
+            raise LineInspectError(f"--server {server!r}: a list of replicas takes IPv4 addresses ({host!r} is "
+                                   "not one); for a DNS name with several addresses pass dns:///NAME:PORT")
+    return f"ipv4:{server}" if len(parts) > 1 else server
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(host), ipaddress.IPv4Address)
+    except ValueError:
+        return False
 
 
 def _read_pem(path: Path, flag: str, marker: bytes, what: str) -> bytes:
@@ -172,8 +187,10 @@ def _read_pem(path: Path, flag: str, marker: bytes, what: str) -> bytes:
 def open_channel(server: str, tls_ca: Path | None = None, tls_cert: Path | None = None,
                  tls_key: Path | None = None) -> grpc.Channel:
     """A channel to HOST:PORT; TLS verified against `tls_ca` when given, plus a client
-    certificate (`tls_cert`, `tls_key`) for a server that demands mutual TLS."""
-    options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    certificate (`tls_cert`, `tls_key`) for a server that demands mutual TLS. Several replicas
+    (a comma-separated list, or a dns:/// name with several addresses) are balanced by gRPC's
+    round_robin policy: each call (a camera's stream, a unary request) goes to the next replica."""
+    options = [("grpc.max_receive_message_length", 64 * 1024 * 1024), ("grpc.lb_policy_name", "round_robin")]
     if (tls_cert is None) != (tls_key is None):
         raise LineInspectError("a client certificate needs both --tls-cert and --tls-key")
     if tls_ca is None:

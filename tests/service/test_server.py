@@ -24,6 +24,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from lineinspect.errors import LineInspectError
+from lineinspect.service.stream_client import open_channel
 from lineinspect.v1 import inspection_pb2 as pb
 from lineinspect.v1 import inspection_pb2_grpc as pb_grpc
 
@@ -291,6 +293,29 @@ def test_verdicts_left_to_the_pool_while_work_waits_are_the_direct_ones(server_f
         heat = cv2.imdecode(np.frombuffer(v.heatmap_png, np.uint8), cv2.IMREAD_UNCHANGED)
         assert heat.shape == image.shape[:2]
         assert np.abs(heat / 255.0 - direct.heatmap).max() < 0.01
+
+
+def test_a_client_balances_calls_over_server_replicas(server_factory, tiny_inspector, media) -> None:
+    # Replicas behind gRPC's round_robin: `--server A,B` in the CLI clients (stream, audit, ask).
+    replicas = [SlowInspector(tiny_inspector, delay_s=0.0) for _ in range(2)]
+    ports = [server_factory(inspector=r).port for r in replicas]
+    with open_channel(",".join(f"127.0.0.1:{p}" for p in ports)) as channel:
+        stub = pb_grpc.InspectionServiceStub(channel)
+
+        def inspect() -> None:
+            assert stub.Inspect(pb.InspectRequest(image=media.image()), timeout=30).HasField("verdict")
+
+        for _ in range(20):  # round_robin uses a replica once its connection is up
+            if min(r.inspected for r in replicas) > 0:
+                break
+            inspect()
+        assert min(r.inspected for r in replicas) > 0, [r.inspected for r in replicas]
+        before = [r.inspected for r in replicas]
+        for _ in range(8):  # both up: the calls alternate
+            inspect()
+    assert [r.inspected - b for r, b in zip(replicas, before, strict=True)] == [4, 4]
+    with pytest.raises(LineInspectError, match="IPv4"):
+        open_channel(f"localhost:{ports[0]},127.0.0.1:{ports[1]}")
 
 
 def test_every_model_call_warm_up_included_runs_on_one_thread(server_factory, connect, tiny_inspector,
