@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("source", type=Path, metavar="DIR|MANIFEST.txt")
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--server", metavar="HOST:PORT", help="send the images to a lineinspect server")
+    where.add_argument("--server", metavar="HOST:PORT", help="send the images to a lineinspect server "
+                       "(or replicas: IP:PORT,IP:PORT, balanced round-robin)")
     where.add_argument("--model", type=Path, metavar="MODEL_DIR", help="run this model locally")
     p.add_argument("--out", type=Path, required=True, metavar="REPORT_DIR")
     p.add_argument("--concurrency", type=int, default=4,

@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--source", required=True,
                    help="device index (0), rtsp:// or http:// URL, video file, or folder of images (sorted)")
-    p.add_argument("--server", required=True, metavar="HOST:PORT")
+    p.add_argument("--server", required=True, metavar="HOST:PORT",
+                   help="the server, or replicas as IP:PORT,IP:PORT (gRPC round-robin, one replica per camera stream)")
     p.add_argument("--camera-id", required=True, help="name of this camera in results and metrics")
     p.add_argument("--fps", type=float, default=None,
                    help="cap on frames read per second (default: a video file's own rate, else unpaced)")
