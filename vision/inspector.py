@@ -109,6 +109,7 @@ class Inspector:
                  buckets: tuple[int, ...] = BUCKETS) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        self.model.encoder.use_fused_attention(self.device.type != "cpu")
         self._calibration = calibration
         self.preset = preset or model.config.encoder.preset
         self.input_size = model.config.encoder.img_size

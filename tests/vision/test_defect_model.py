@@ -13,7 +13,7 @@ from lineinspect.errors import LineInspectError
 from lineinspect.vision.defect_model import DefectModel, DefectModelConfig
 from lineinspect.vision.encoder import preset
 from lineinspect.vision.heads import HeadConfig
-from lineinspect.vision.inspector import Calibration
+from lineinspect.vision.inspector import Calibration, Inspector
 from lineinspect.vision.memory_bank import greedy_coreset, nearest_distance
 from lineinspect.vision.model_io import load_inspector, save_model_dir, untrained_inspector
 from lineinspect.vision.precision import autocast
@@ -81,7 +81,8 @@ def test_model_dir_round_trip(tmp_path) -> None:
     assert inspector.threshold == 0.3 and inspector.class_names == ["a", "b", "c"]
     image = (np.random.default_rng(0).random((90, 120, 3)) * 255).astype(np.uint8)
     resized = cv2.resize(image, (64, 64), interpolation=cv2.INTER_AREA)
-    with torch.no_grad(), autocast(inspector.device, inspector.autocast_dtype):  # the precision it serves in
+    model.encoder.use_fused_attention(inspector.device.type != "cpu")  # the attention form it serves with
+    with torch.no_grad(), autocast(inspector.device, inspector.autocast_dtype):  # and the precision
         expected = model.eval()(torch.from_numpy(resized).permute(2, 0, 1)[None].float() / 255)
     result = inspector.inspect_batch([image], heatmaps=True)[0]
     assert result.heatmap.shape == (90, 120)
@@ -135,3 +136,18 @@ def test_class_head_looks_at_the_defect_not_the_faint_background() -> None:
     images = torch.rand(1, 3, 64, 64)
     area_focus, area_soft = region_stats(region, images)[0, 0], region_stats(prob, images)[0, 0]
     assert float(area_focus) < float(area_soft) - 1.0  # log area: the soft map looks far larger
+
+
+
+def test_explicit_attention_computes_what_the_fused_kernel_does_and_serves_on_cpus() -> None:
+    model = small_model().eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        fused = model.encoder(x).patches
+        model.encoder.use_fused_attention(False)
+        explicit = model.encoder(x).patches
+    torch.testing.assert_close(explicit, fused, rtol=1e-4, atol=1e-5)
+    model.encoder.use_fused_attention(True)
+    Inspector(model, Calibration(), "cpu")  # the faster form on a CPU
+    flags = [m.fused_attn for m in model.encoder.modules() if hasattr(m, "fused_attn")]
+    assert flags and not any(flags)
