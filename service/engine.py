@@ -4,7 +4,9 @@ Decoding happens in a small thread pool *before* an image is queued (the batcher
 step), not in the batch worker: cv2 releases the GIL, so several images decode in parallel
 while the single worker thread runs the model, a bad image is refused before it takes a batch
 slot, and the event loop never decodes. The pool is bounded by the queue capacity, because
-an item holds its queue slot while it decodes.
+an item holds its queue slot while it decodes. After a batch the same pool makes the verdicts,
+boxes and heatmaps when other work waits for the model (`Inspector.finish`), so the worker can
+start the next batch; with nothing waiting the worker makes them itself (no extra hand-over).
 
 Language path hooks (only when a language part is served, see service/describe.py): a task may
 carry a frame key (camera_id, frame_id) or ask for evidence tokens; the batch call then captures
