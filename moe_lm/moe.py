@@ -10,7 +10,7 @@ from torch import nn
 
 from lineinspect.moe_lm.config import DecoderConfig
 from lineinspect.moe_lm.experts import RoutedExperts, SwiGLU
-from lineinspect.moe_lm.router import Router
+from lineinspect.moe_lm.router import Router, RouterOutput
 
 
 class MoEStats(NamedTuple):
@@ -37,9 +37,10 @@ class MoEBlock(nn.Module):
     earlier token in flattened B*T order comes first); each group's bounds are searched in the
     sorted experts; the token rows are gathered in that order and all experts run grouped. The
     results go back to (token, slot) order through the inverse permutation (a gather, not an
-    atomic scatter-add) and one batched product per token weights its k rows and adds them onto
-    the shared experts' output. On a GPU at inference the shared experts run on a side stream
-    while the routing and the grouped GEMMs run on the main one.
+    atomic scatter-add), and each token's k rows are weighted and added onto the shared experts'
+    output element-wise. At inference with few tokens (decoding steps, tokens x experts <=
+    `dense_dispatch_rows`) every expert runs on every token instead, with no sort at all. On a GPU
+    at inference the shared experts run on a side stream while the routing and experts run.
 
     Capacity (training only): an expert keeps its first `capacity` assignments. The rest are
     counted in `MoEStats.overflow` and their router weight is zeroed: they still flow through the
@@ -74,27 +75,29 @@ class MoEBlock(nn.Module):
                 shared = self.shared(flat)
         route = self.router(flat)
         if not self.training and N * E <= self.dense_dispatch_rows:
-            picked, counts, overflow = self._all_experts(flat, route.indices)
+            picked, counts = self._all_experts(flat, route.indices)
+            overflow, weight = torch.zeros_like(counts), route.weights
         else:
-            picked, counts, overflow = self._grouped(flat, route)
-        weight = route.weights if overflow is None else route.weights * overflow[1]
+            picked, counts, overflow, keep = self._grouped(flat, route)
+            weight = route.weights if keep is None else route.weights * keep
         if self.shared is None:
             out = None
         elif side is None:
-            out = self.shared(flat)
+            out = self.shared(flat).to(picked.dtype)
         else:
             torch.cuda.current_stream(flat.device).wait_stream(side)
-            out = shared
+            out = shared.to(picked.dtype)
         w = weight.to(picked.dtype)
         for j in range(k):  # out + sum_j w_j * y_j, element-wise (a batched (1 x k) product ran as a slow gemv)
-            term = (picked[:, j], w[:, j, None])
-            out = torch.mul(*term) if out is None else torch.addcmul(out.to(picked.dtype), *term)
-        over = overflow[0] if overflow is not None else torch.zeros_like(counts)
-        return out.view(B, T, C), MoEStats(route.logits, counts, over)
+            y, wj = picked[:, j], w[:, j, None]
+            out = y * wj if out is None else torch.addcmul(out, y, wj)
+        return out.view(B, T, C), MoEStats(route.logits, counts, overflow)
 
-    def _grouped(self, flat: torch.Tensor, route) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+    def _grouped(self, flat: torch.Tensor, route: RouterOutput
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Sorted dispatch to the grouped experts -> (N, k, C) expert outputs per (token, slot), the
-        per-expert counts, and in training with a capacity (overflow counts, (N, k) keep mask)."""
+        per-expert counts (E,) and overflow (E,), and in training with a capacity the (N, k) mask
+        of the assignments kept (None otherwise)."""
         N, C = flat.shape
         k, E = self.top_k, self.n_experts
         # int32 keys: half the radix-sort passes of int64
@@ -104,16 +107,16 @@ class MoEBlock(nn.Module):
         counts = (bounds[1:] - bounds[:-1]).long()  # (E,)
         positions = torch.arange(N * k, device=flat.device)
         inverse = torch.empty_like(order).scatter_(0, order, positions)  # sorted row of each assignment
-        overflow = None
+        overflow, keep = torch.zeros_like(counts), None
         if self.training and self.capacity_factor is not None:
             capacity = expert_capacity(self.capacity_factor, N, k, E)
             rank = positions - bounds.index_select(0, expert)  # place in its group, sorted order
             keep = (rank < capacity).index_select(0, inverse).view(N, k)
-            overflow = ((counts - capacity).clamp(min=0), keep)
+            overflow = (counts - capacity).clamp(min=0)
         y = self.experts(flat.index_select(0, order // k), bounds[1:])  # (M, C), sorted order
-        return y.index_select(0, inverse).view(N, k, C), counts, overflow
+        return y.index_select(0, inverse).view(N, k, C), counts, overflow, keep
 
-    def _all_experts(self, flat: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def _all_experts(self, flat: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Few tokens (decoding): every expert on every token as batched products, then each
         token's k picked -> (N, k, C), per-expert counts. E/k times the FLOPs, but at a few dozen
         tokens the experts' weights are read once either way and no sort or scatter runs."""
@@ -122,7 +125,7 @@ class MoEBlock(nn.Module):
         picked = y[indices, torch.arange(N, device=flat.device)[:, None]]  # (N, k, C)
         counts = torch.zeros(E, dtype=torch.long, device=flat.device).index_add_(
             0, indices.reshape(-1), torch.ones_like(indices.reshape(-1)))
-        return picked, counts, None
+        return picked, counts
 
     def _shared_stream(self, flat: torch.Tensor) -> torch.cuda.Stream | None:
         """The side stream for the shared experts, where it pays and is safe: CUDA, no autograd."""

@@ -100,7 +100,8 @@ class Inspector:
     With CUDA graphs (on CUDA unless ``cuda_graphs=False``), the graphs run a copy of `model` taken
     at construction, with weights in the Inspector's precision (bf16 by default): later changes to
     `model`'s weights are not seen, and setting a calibration that scores differently captures the
-    graphs again (seconds). `model` itself stays as given and serves `run_model`. Forward hooks on
+    graphs again (seconds). `model` itself serves `run_model`; on a CPU its encoder is switched to
+    explicit attention, the faster form there (`VisionEncoder.use_fused_attention`). Forward hooks on
     `model` (the language path's evidence tap) see each batch's input and output on both paths.
     """
 
