@@ -64,6 +64,13 @@ class MoEBlock(nn.Module):
         self.dense_dispatch_rows = DENSE_DISPATCH_ROWS  # 0 = always sorted dispatch (A/B timing)
         self._side_stream: torch.cuda.Stream | None = None
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the side stream behind (a CUDA stream cannot be copied); the
+        copy makes its own on first use."""
+        state = dict(super().__getstate__())
+        state["_side_stream"] = None
+        return state
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         B, T, C = x.shape
         flat = x.reshape(-1, C)  # (N, C)

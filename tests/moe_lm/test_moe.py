@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import threading
+
 import torch
 
 from lineinspect.moe_lm.config import preset
@@ -101,3 +104,13 @@ def test_few_tokens_run_every_expert_and_agree_with_the_sorted_dispatch() -> Non
     torch.testing.assert_close(every, grouped, rtol=1e-5, atol=1e-6)
     assert torch.equal(every_stats.counts, grouped_stats.counts) and int(every_stats.counts.sum()) == 2 * 5 * 2
     assert int(every_stats.overflow.sum()) == 0
+
+
+def test_copies_leave_the_side_stream_behind() -> None:
+    """A CUDA stream cannot be copied; the gates-closed ablation deep-copies the report model."""
+    block = MoEBlock(preset("tiny"))
+    block._side_stream = threading.Lock()  # stands in for a torch.cuda.Stream: neither can be copied
+    twin = copy.deepcopy(block)
+    assert twin._side_stream is None and block._side_stream is not None
+    x = torch.randn(1, 3, block.router.proj.in_features)
+    torch.testing.assert_close(twin.eval()(x)[0], block.eval()(x)[0])
