@@ -9,6 +9,16 @@ map-weighted centroid and the map-weighted colour change against the whole image
 sin/cos code of the patch position (the resampler has no positions of its own, and "where is
 the defect" needs them). Broadcast summaries matter in short runs: the decoder reads a signal
 present in every token long before the resampler learns to find the few defect patches.
+
+With ``EvidenceConfig.decision`` (set for every language part trained now; older parts load without
+it) the tokens also
+carry the fast path's *decision*: its calibrated image score, the verdict at its threshold, the
+centroid of the map's focus region (the mass above half the map's peak) and that centroid's 3x3
+cell as a one-hot, and the named class as a one-hot. These are what the verdict, the class and
+the location words of a report should follow, in a form that transfers from training images to
+new ones: a raw probability's scale differs between the images the fast path trained on and new
+ones (those goods score lower), while the verdict is made at a threshold calibrated on held-out
+images.
 ``evidence_tokens`` builds them from plain tensors, so this module imports nothing from
 ``lineinspect.vision``.
 
@@ -73,10 +83,12 @@ class EvidenceConfig:
     n_classes: int = 0  # classes of the fast defect head; 0 when it has none
     pos_freqs: int = 4  # sin/cos pairs per axis for the patch position code
     summary: bool = True  # broadcast the anomaly-region summary (needs the model's input images)
+    decision: bool = False  # broadcast the fast path's decision (needs its calibrated score and threshold)
 
     N_MAP = 2  # anomaly map mean and max inside each patch
     N_IMAGE = 2  # image defect probability and anomaly map peak, broadcast to every patch
     N_SUMMARY = 15  # 3x3 cell peaks, area, centroid (y, x), weighted colour change (RGB)
+    N_DECISION = 13  # score, verdict, focus centroid (y, x), its 3x3 cell one-hot; + the class one-hot
 
     def __post_init__(self) -> None:
         for name in ("patch_dim", "grid"):
@@ -89,7 +101,8 @@ class EvidenceConfig:
     def dim(self) -> int:
         """Width of one evidence token (the resampler's vision_dim)."""
         summary = self.N_SUMMARY if self.summary else 0
-        return self.patch_dim + self.N_MAP + self.N_IMAGE + summary + self.n_classes + 4 * self.pos_freqs
+        decision = self.N_DECISION + self.n_classes if self.decision else 0
+        return self.patch_dim + self.N_MAP + self.N_IMAGE + summary + decision + self.n_classes + 4 * self.pos_freqs
 
     @property
     def n_tokens(self) -> int:
@@ -123,6 +136,28 @@ def region_summary(anomaly_map: torch.Tensor, images: torch.Tensor) -> torch.Ten
     return torch.cat((cells, area, centroid, colour), dim=1)
 
 
+def decision_summary(anomaly_map: torch.Tensor, score: torch.Tensor, threshold: float,
+                     class_logits: torch.Tensor | None) -> torch.Tensor:
+    """(B, 13 [+ K]): calibrated score, verdict (score >= threshold), the focus region's centroid
+    (y, x in [0, 1]; the region is the map above half its peak, so faint background does not pull
+    it to the centre), that centroid's 3x3 cell as a one-hot (row-major), and the argmax class
+    as a one-hot when class_logits (B, K) are given. anomaly_map: (B, 1, S, S) in [0, 1]."""
+    amap = anomaly_map.float()[:, 0]  # (B, S, S)
+    B, S, _ = amap.shape
+    peak = amap.flatten(1).amax(1)[:, None, None]
+    w = (amap - 0.5 * peak).clamp_min(0)
+    w = w / w.sum(dim=(1, 2), keepdim=True).clamp_min(1e-6)
+    coords = (torch.arange(S, device=amap.device, dtype=torch.float32) + 0.5) / S
+    focus = torch.stack(((w.sum(2) * coords).sum(1), (w.sum(1) * coords).sum(1)), dim=1)  # (B, 2)
+    row_col = (focus * 3).long().clamp(0, 2)
+    cell = F.one_hot(row_col[:, 0] * 3 + row_col[:, 1], 9).float()
+    verdict = (score.float() >= threshold).float()
+    parts = [score.float()[:, None], verdict[:, None], focus, cell]
+    if class_logits is not None:
+        parts.append(F.one_hot(class_logits.float().argmax(1), class_logits.shape[-1]).float())
+    return torch.cat(parts, dim=1)
+
+
 def evidence_tokens(
     patches: torch.Tensor,
     anomaly_map: torch.Tensor,
@@ -130,13 +165,15 @@ def evidence_tokens(
     class_logits: torch.Tensor | None,
     config: EvidenceConfig,
     images: torch.Tensor | None = None,
+    decision: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """Per-patch evidence for the language path (float32).
 
     patches: (B, N, C) encoder patch tokens, N = grid * grid, row-major;
     anomaly_map: (B, 1, S, S) defect probability per pixel; image_prob: (B,);
     class_logits: (B, K) or None; images: (B, 3, S, S) in [0, 1], the defect model's input
-    (needed when config.summary). Returns (B, N, config.dim).
+    (needed when config.summary); decision: the calibrated image score (B,) and the threshold
+    the verdict is made at (needed when config.decision). Returns (B, N, config.dim).
     """
     B, N, C = patches.shape
     g = config.grid
@@ -154,6 +191,12 @@ def evidence_tokens(
         if images is None:
             raise LineInspectError("evidence tokens: the region summary needs the defect model's input images")
         parts.append(region_summary(amap, images)[:, None, :].expand(B, N, -1))
+    if config.decision:
+        if decision is None:
+            raise LineInspectError("evidence tokens: the decision features need the calibrated score and threshold")
+        score, threshold = decision
+        named = class_logits if config.n_classes else None
+        parts.append(decision_summary(amap, score, threshold, named)[:, None, :].expand(B, N, -1))
     if config.n_classes:
         if class_logits is None or class_logits.shape[-1] != config.n_classes:
             got = None if class_logits is None else class_logits.shape[-1]
@@ -239,7 +282,9 @@ class ReportModel(nn.Module):
 
     def image_tokens(self, evidence: torch.Tensor) -> torch.Tensor:
         """evidence: (B, N, D_ev) -> (B, L, D) image tokens for cross-attention."""
-        x = (evidence.float() - self.evidence_mean) / self.evidence_std
+        # clamped: a feature nearly constant on the training images (a one-hot cell no training
+        # defect fell in) must not explode when a new image sets it
+        x = ((evidence.float() - self.evidence_mean) / self.evidence_std).clamp(-8.0, 8.0)
         return self.resampler(x.to(self.resampler.latents.dtype))
 
     def forward(

@@ -49,6 +49,7 @@ from lineinspect.moe_lm.report_model import (
 )
 from lineinspect.service.batcher import Overloaded, ShuttingDown
 from lineinspect.vision.cpu_threads import start_single_threaded
+from lineinspect.vision.inspector import Calibration, calibrated_score
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +130,15 @@ class FrameTokenCache:
 class EvidenceTap:
     """Evidence tokens from the fast path's own defect-model call (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, config: EvidenceConfig) -> None:
+    def __init__(self, model: nn.Module, config: EvidenceConfig,
+                 calibration: Callable[[], Calibration] | None = None) -> None:
+        """`calibration` returns the fast path's current calibration (the decision features need
+        it; it may change while serving)."""
+        if config.decision and calibration is None:
+            raise LineInspectError("evidence tap: this language part reads the fast path's decision; "
+                                   "pass its calibration")
         self.config = config
+        self._calibration = calibration
         self._local = threading.local()
         self._handle = model.register_forward_hook(self._hook)
 
@@ -154,7 +162,12 @@ class EvidenceTap:
             return None
         images, out = outputs[0]
         with torch.inference_mode():
-            ev = evidence_tokens(out.patches, out.anomaly_map, out.image_prob, out.class_logits, self.config, images)
+            decision = None
+            if self.config.decision:
+                cal = self._calibration()
+                decision = (calibrated_score(out, cal), cal.threshold)
+            ev = evidence_tokens(out.patches, out.anomaly_map, out.image_prob, out.class_logits, self.config, images,
+                                 decision)
             return ev.to(torch.float16)
 
     def close(self) -> None:
@@ -505,7 +518,8 @@ def image_evidence(inspector, part: LanguagePart, image: np.ndarray) -> torch.Te
 
     batch = to_batch([image], inspector.input_size, inspector.device)
     out = inspector.run_model(batch)
+    config, cal = part.model.config.evidence, inspector.calibration
     with torch.inference_mode():
-        ev = evidence_tokens(out.patches, out.anomaly_map, out.image_prob, out.class_logits,
-                             part.model.config.evidence, batch)
+        decision = (calibrated_score(out, cal), cal.threshold) if config.decision else None
+        ev = evidence_tokens(out.patches, out.anomaly_map, out.image_prob, out.class_logits, config, batch, decision)
     return ev[0].float()

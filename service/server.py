@@ -219,7 +219,8 @@ def _language_engine(engine: InspectionEngine, inspector: InspectorLike, languag
         raise LineInspectError("Describe needs the real Inspector (its defect model feeds the language path)")
     device = getattr(inspector, "device", "cpu")
     describer = DescribeEngine(language, describe_config, device=device, fast_busy=engine.fast_busy)
-    engine.attach_language(EvidenceTap(model, language.model.config.evidence), describer.frame_cache)
+    tap = EvidenceTap(model, language.model.config.evidence, lambda: inspector.calibration)
+    engine.attach_language(tap, describer.frame_cache)
     describer.start()
     return describer
 

@@ -112,7 +112,7 @@ def evaluate_language(model_dir: Path, dataset: Dataset, device: str = "cpu", ma
     """Evaluate `model_dir`'s language part on `dataset`'s test split; returns a JSON-able summary."""
     t0 = time.monotonic()
     dev = resolve_device(device)
-    defect_model, _, _ = load_model_dir(model_dir)
+    defect_model, calibration, _ = load_model_dir(model_dir)
     part: LanguagePart = load_language(model_dir, dev)
     digest = part.meta.get("defect_model_sha256")
     if digest and digest != file_digest(Path(model_dir) / WEIGHTS):
@@ -135,7 +135,8 @@ def evaluate_language(model_dir: Path, dataset: Dataset, device: str = "cpu", ma
             "evaluate on data of the same line"
         )
     config = part.model.config.evidence
-    evidence = encode_images(defect_model, [it.load() for it in items], config, dev, desc=None)
+    evidence = encode_images(defect_model, [it.load() for it in items], config, dev, desc=None,
+                             calibration=calibration)
     model = part.model.to(dev).eval()
     result: dict = {"model": str(model_dir), "data": str(dataset.root), "n_images": len(items),
                     "types": list(type_names), "chance_type_accuracy": round(cap.chance_level(labels), 4)}

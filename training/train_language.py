@@ -53,6 +53,7 @@ from lineinspect.training import captions as cap
 from lineinspect.training.datasets import Dataset
 from lineinspect.training.schedule import lr_at
 from lineinspect.vision.defect_model import DefectModel
+from lineinspect.vision.inspector import Calibration, calibrated_score, uses_memory
 from lineinspect.vision.model_io import WEIGHTS, load_model_dir, resolve_device
 from lineinspect.vision.preprocess import to_batch
 
@@ -95,23 +96,29 @@ class LanguageTrainConfig:
 def evidence_config_for(model: DefectModel) -> EvidenceConfig:
     """The evidence layout that this defect model produces."""
     enc = model.config.encoder
-    return EvidenceConfig(patch_dim=enc.embed_dim, grid=enc.grid, n_classes=model.config.head.num_classes)
+    return EvidenceConfig(patch_dim=enc.embed_dim, grid=enc.grid, n_classes=model.config.head.num_classes,
+                          decision=True)
 
 
 @torch.inference_mode()
 def encode_images(model: DefectModel, images: Sequence[np.ndarray], evidence: EvidenceConfig,
-                  device: torch.device, batch_size: int = 32, desc: str | None = "evidence") -> torch.Tensor:
-    """RGB uint8 images -> evidence tokens (n, N, D) float16 on the CPU (the frozen fast path)."""
+                  device: torch.device, batch_size: int = 32, desc: str | None = "evidence",
+                  calibration: Calibration | None = None) -> torch.Tensor:
+    """RGB uint8 images -> evidence tokens (n, N, D) float16 on the CPU (the frozen fast path).
+    `calibration` (the model directory's) makes the decision features; evidence.decision needs it."""
     model = model.to(device).eval()
     size = model.config.encoder.img_size
     autocast = torch.bfloat16 if device.type == "cuda" else None
+    use_memory = calibration is not None and uses_memory(calibration)
     chunks = []
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=True if desc is None else None):
         batch = to_batch(list(images[start : start + batch_size]), size, device)
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            out = model(batch, use_memory=False)
-        tokens = evidence_tokens(out.patches, out.anomaly_map, out.image_prob, out.class_logits, evidence, batch)
+            out = model(batch, use_memory=use_memory)
+        decision = (calibrated_score(out, calibration), calibration.threshold) if calibration is not None else None
+        tokens = evidence_tokens(out.patches, out.anomaly_map, out.image_prob, out.class_logits, evidence, batch,
+                                 decision)
         chunks.append(tokens.to(torch.float16).cpu())
     return torch.cat(chunks) if chunks else torch.zeros(0, evidence.n_tokens, evidence.dim, dtype=torch.float16)
 
@@ -172,7 +179,7 @@ class LanguageTrainer:
             torch.set_num_threads(max(1, os.cpu_count() or 1))
         self.rng = np.random.default_rng(config.seed)
         torch.manual_seed(config.seed)
-        self.defect_model, _, _ = load_model_dir(self.model_dir)  # fails clearly when missing
+        self.defect_model, self.calibration, _ = load_model_dir(self.model_dir)  # fails clearly when missing
         for p in self.defect_model.parameters():
             p.requires_grad_(False)
         self.evidence_cfg = evidence_config_for(self.defect_model)
@@ -201,7 +208,7 @@ class LanguageTrainer:
             t = time.monotonic()
             pixels = [im.load() for im in self.images]
             self._evidence = encode_images(self.defect_model, pixels, self.evidence_cfg, self.device,
-                                           self.cfg.encode_batch)
+                                           self.cfg.encode_batch, calibration=self.calibration)
             if 2 not in self.done:  # fitted before alignment; later stages keep it
                 sample = self._evidence[torch.randperm(len(self._evidence))[:512]]
                 self.model.fit_evidence_scale(sample.to(self.device))
@@ -231,6 +238,7 @@ class LanguageTrainer:
         if self._resume and has_language(self.model_dir):
             part = load_language(self.model_dir, self.device)
             self.model, self.tok = part.model, part.tokenizer
+            self.evidence_cfg = part.model.config.evidence  # the layout the saved part was trained with
             training = part.meta.get("training", {})
             self.done = list(training.get("stages_done", []))
             self.summary = {**training, "stages": training.get("stages", {})}
@@ -244,6 +252,7 @@ class LanguageTrainer:
                 )
             part = load_language(self.model_dir, self.device)
             self.model, self.tok = part.model, part.tokenizer
+            self.evidence_cfg = part.model.config.evidence  # the layout the saved part was trained with
             training = part.meta.get("training", {})
             # the stages asked for run again; earlier ones stay as they were
             self.done = [s for s in training.get("stages_done", []) if s < self.stages[0]]

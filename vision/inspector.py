@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from lineinspect import __version__
+from lineinspect.errors import LineInspectError
 from lineinspect.vision.cuda_graphs import BUCKETS, CudaGraphRunner, cat_rows, inference_copy, split_batch
 from lineinspect.vision.defect_model import DefectModel, DefectOutput
 from lineinspect.vision.postprocess import boxes_at_levels, scale_boxes, upsample_map
@@ -89,6 +90,20 @@ def image_scores(out: DefectOutput, cal: Calibration) -> dict[str, torch.Tensor]
     return scores
 
 
+def calibrated_score(out: DefectOutput, cal: Calibration) -> torch.Tensor:
+    """The image score (B,) that the verdict compares with `cal.threshold`. A memory or fused
+    source needs `out` from a call with the memory bank (``uses_memory``)."""
+    scores = image_scores(out, cal)
+    if cal.score_source not in scores:
+        raise LineInspectError(f"calibrated score: the output lacks what score source {cal.score_source!r} needs")
+    return scores[cal.score_source]
+
+
+def uses_memory(cal: Calibration) -> bool:
+    """Whether the calibrated score reads the memory bank."""
+    return cal.score_source in ("memory", "fused")
+
+
 def graph_fields(cal: Calibration) -> tuple:
     """The calibration fields that CUDA graphs compute with (thresholds are applied on the host)."""
     return cal.score_source, cal.memory_mean, cal.memory_std, cal.novelty_mean, cal.novelty_std, bool(cal.class_names)
@@ -139,11 +154,11 @@ class Inspector:
         cal, k = self.calibration, self._prob_columns()
         dtype = self.autocast_dtype or torch.float32
         model = inference_copy(self.model, dtype)
-        use_memory = cal.score_source in ("memory", "fused") and bool(model.memory.fitted)  # read once, here
+        use_memory = uses_memory(cal) and bool(model.memory.fitted)  # read once, here
 
         def forward(images: torch.Tensor) -> tuple[torch.Tensor, DefectOutput]:
             out = model(images, use_memory=use_memory, bank_fitted=use_memory)
-            cols = [image_scores(out, cal)[cal.score_source].float()[:, None]]
+            cols = [calibrated_score(out, cal).float()[:, None]]
             if k:
                 cols.append(torch.softmax(out.class_logits.float(), 1))
             cols.append(out.anomaly_map.flatten(1).float())
@@ -183,7 +198,7 @@ class Inspector:
     @torch.inference_mode()
     def run_model(self, batch: torch.Tensor) -> DefectOutput:
         """batch (B,3,S,S) float [0,1] on the device -> raw model output."""
-        use_memory = self.calibration.score_source in ("memory", "fused")
+        use_memory = uses_memory(self.calibration)
         with autocast(self.device, self.autocast_dtype):
             return self.model(batch, use_memory=use_memory)
 
@@ -211,7 +226,7 @@ class Inspector:
         else:
             batch = to_batch(images, self.input_size, self.device)
             out = self.run_model(batch)
-            score = image_scores(out, cal)[cal.score_source].float().cpu().numpy()
+            score = calibrated_score(out, cal).float().cpu().numpy()
             maps = out.anomaly_map[:, 0].float().cpu().numpy()  # (B, S, S)
             probs = (torch.softmax(out.class_logits.float(), 1).cpu().numpy()
                      if out.class_logits is not None and cal.class_names else None)

@@ -67,10 +67,11 @@ def test_saved_part_generates_identically(trained, line) -> None:
     out, _ = trained
     part = load_language(out)
     again = load_language(out)
-    defect, _, _ = load_model_dir(out)
+    defect, calibration, _ = load_model_dir(out)
     dataset = open_dataset(line)
     images = [s.load_image() for s in dataset.test[:3]]
-    evidence = encode_images(defect, images, part.model.config.evidence, torch.device("cpu"), desc=None).float()
+    evidence = encode_images(defect, images, part.model.config.evidence, torch.device("cpu"), desc=None,
+                             calibration=calibration).float()
     prompts = part.tokenizer.encode_batch([prompt_text(q) for q in ("", "Where is the defect?", "Is the part OK?")])
     sampling = SamplingConfig(max_new_tokens=24, eos_id=part.tokenizer.eos_id)
     with torch.no_grad():
