@@ -2,10 +2,11 @@
 # One device call for issue 2's GPU accuracy figures, from the repo root on the GPU machine: s14 on
 # NEU-DET, s14 on the synthetic metal line, s14 on the same line with generic pasting only (all
 # seven defect types unseen), s14 naming the pasted kinds on that line, and s14 on NEU-DET without
-# the ridge filters (s14_neu_noridges, the ablation); trainings share the
+# the ridge filters (s14_neu_noridges, the ablation), and s14 naming with the namer's crops cut around
+# jittered masks instead of where the model finds them (s14_metal_named_maskcrops); trainings share the
 # H200 (BUDGET=seconds per training, RUNS=the names to run, by default the first three).
 # Every eval's JSON line lands in $OUT/evals.jsonl as it arrives. LANGUAGE=seconds also trains the
-# language stages on s14_metal_named and writes eval-language's line to $OUT/language.jsonl.
+# language stages on the s14_metal_named* runs and writes eval-language's line to $OUT/language.jsonl.
 source "$(dirname "$0")/gpu_setup.sh"
 B=${BUDGET:-300}
 R=runs/accuracy; mkdir -p $R
@@ -13,6 +14,7 @@ synthetic_lines $R
 log synth done
 run() {  # name train_data test_data extra-train-args...
   local name=$1 data=$2 test=$3; shift 3
+  rm -rf $R/$name  # a warm machine keeps runs/ from an earlier call
   timeout $((B + 150)) lineinspect train --data $data --preset s14 --device cuda --time-budget $B --out $R/$name "$@" \
     2> $R/$name.log | tail -1 >> "$OUT/train.jsonl"
   log "train $name done"
@@ -37,6 +39,8 @@ for name in $RUNS; do
     s14_metal) run s14_metal $R/metal1 $R/metal2 & ;;
     s14_metal_unseen) run s14_metal_unseen $R/metal1 $R/metal2 --paste-types none & ;;
     s14_metal_named) (run s14_metal_named $R/metal1 $R/metal2 --name-pasted-kinds && language s14_metal_named) & ;;
+    s14_metal_named_maskcrops) (run s14_metal_named_maskcrops $R/metal1 $R/metal2 --name-pasted-kinds \
+      --namer-regions mask && language s14_metal_named_maskcrops) & ;;
   esac
 done
 wait

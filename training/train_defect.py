@@ -37,7 +37,7 @@ from lineinspect.training.schedule import lr_at
 from lineinspect.vision.checkpoints import load_pretrained_encoder
 from lineinspect.vision.defect_model import DefectModel, DefectModelConfig
 from lineinspect.vision.encoder import preset
-from lineinspect.vision.heads import HeadConfig, HeadOutput
+from lineinspect.vision.heads import HeadConfig, HeadOutput, focus_region
 from lineinspect.vision.inspector import Calibration, image_scores
 from lineinspect.vision.model_io import resolve_device, save_model_dir
 from lineinspect.vision.precision import autocast, autocast_dtype
@@ -78,6 +78,9 @@ class TrainConfig:
     p_defect: float = 0.5  # share of good images that get a synthetic defect per step
     paste_types: tuple[str, ...] = DEFECT_TYPES  # named defect renderings pasted besides the generic ones
     name_pasted_kinds: bool = False  # lines without class labels learn to name the pasted kinds (experimental)
+    # ... from crops cut where the trained model's map finds them ("model"), or around jittered masks ("mask");
+    # "auto": model on GPUs; on a 2-core CPU the model's forward halved the namer's examples and named worse
+    namer_regions: str = "auto"
     val_fraction: float = 0.1
     target_frr: float | None = None  # choose the threshold for this false-reject rate instead of best F1
     memory_bank_size: int | None = None
@@ -89,6 +92,8 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         if self.preset not in PRESET_DEFAULTS:
             raise LineInspectError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESET_DEFAULTS)}")
+        if self.namer_regions not in ("auto", "model", "mask"):
+            raise LineInspectError(f"namer_regions must be auto, model or mask, got {self.namer_regions!r}")
         steps, cpu_bs, gpu_bs, bank, lr, ssl = PRESET_DEFAULTS[self.preset]
         gpu = self.device.startswith("cuda")
         return replace(self, steps=self.steps or steps, batch_size=self.batch_size or (gpu_bs if gpu else cpu_bs),
@@ -449,8 +454,23 @@ class Trainer:
         def normalize(images: torch.Tensor) -> torch.Tensor:
             return (images - mean) / std
 
+        model = self.model
+
+        @torch.no_grad()
+        def region_of(images: torch.Tensor) -> torch.Tensor:  # the trained model's focus region, as at inference
+            was_training = model.training
+            model.eval()
+            with autocast(self.device, self.autocast):
+                logits = model.logits(images.to(self.device)).mask_logits
+            model.train(was_training)
+            return focus_region(torch.sigmoid(logits.float())).cpu()
+
         return train_namer(self.model.head.class_out, self.train_cache, self.good_idx.cpu(), self.cfg.paste_types,
-                           self.cfg.seed, seconds, self.device, normalize, self.autocast)
+                           self.cfg.seed, seconds, self.device, normalize, self.autocast,
+                           region_of if self.namer_uses_model_regions() else None)
+
+    def namer_uses_model_regions(self) -> bool:
+        return self.cfg.namer_regions == "model" or (self.cfg.namer_regions == "auto" and self.device.type == "cuda")
 
     def fit_and_save(self) -> Path:
         t = time.monotonic()

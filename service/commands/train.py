@@ -39,6 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name-pasted-kinds", action="store_true",
                    help="experimental: a line without class labels learns to name defects after the pasted kinds "
                         "(a quarter of --time-budget trains the crop namer, training.namer_phase)")
+    p.add_argument("--namer-regions", choices=("auto", "model", "mask"), default="auto",
+                   help="with --name-pasted-kinds: cut the namer's training crops where the trained model's map "
+                        "finds each pasted defect (model), or around its jittered mask (mask); auto: model on GPUs, "
+                        "mask on CPUs, where the model's forward would cost the namer half its examples")
     p.add_argument("--no-bandpass", dest="bandpass", action="store_false",
                    help="ablation: the head does without the image's Laplacian-pyramid bands (vision.bandpass)")
     p.add_argument("--no-ridges", dest="ridges", action="store_false",
@@ -110,6 +114,6 @@ def train_defect(args: argparse.Namespace, dataset) -> None:
         paste_types=args.paste_types, ssl_fraction=args.ssl_fraction, target_frr=args.target_frr,
         pretrained=str(args.pretrained) if args.pretrained else None, pretrained_act=args.pretrained_act,
         precision=args.precision, name_pasted_kinds=args.name_pasted_kinds, bandpass=args.bandpass,
-        ridges=args.ridges,
+        ridges=args.ridges, namer_regions=args.namer_regions,
     )
     Trainer(config, dataset, args.out, resume=args.resume).run()

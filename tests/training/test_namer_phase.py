@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from lineinspect.training.data_cache import ImageCache
-from lineinspect.training.namer_phase import namer_pool, train_namer
+from lineinspect.training.namer_phase import crops_where_found, namer_pool, train_namer
 from lineinspect.training.surfaces import make_surface
-from lineinspect.vision.crop_namer import CROP, MIN_SIDE, CropNamer
+from lineinspect.vision.crop_namer import CROP, MIN_SIDE, CropNamer, crop_features
 
 
 def _cache(n: int, size: int) -> ImageCache:
@@ -49,6 +49,30 @@ def test_pool_crops_are_cut_from_the_models_normalised_input() -> None:
     crops, _ = namer_pool(_cache(8, 64), torch.arange(8), ("hole",), g, deadline=0.0, normalize=shift_red)
     pixels = crops[:, :-1].float().view(-1, 3, CROP * CROP).mean(-1)  # (N, 3) mean per channel
     assert float((pixels[:, 0] - pixels[:, 1:].amax(1)).median()) > 3.0  # (boxes past the edge read zeros)
+
+
+def test_crops_are_cut_where_the_model_finds_the_defect_else_around_the_mask() -> None:
+    images = torch.rand(3, 3, 64, 64)
+    masks = torch.zeros(3, 1, 64, 64)
+    masks[:, :, 10:20, 10:20] = 1.0
+    found_region = torch.zeros(3, 1, 64, 64)
+    found_region[0, :, 8:22, 8:22] = 1.0  # larger than the mask, on it ...
+    found_region[0, :, 50:53, 50:53] = 1.0  # ... and a small second spot: named from the box around both
+    found_region[1, :, 40:60, 40:60] = 1.0  # only elsewhere: the mask's box instead
+    # image 2: the model finds nothing, the mask's box too
+
+    def region_of(x: torch.Tensor) -> torch.Tensor:
+        assert torch.equal(x, images)  # the model sees the pasted images in [0, 1]
+        return found_region
+
+    g = torch.Generator().manual_seed(0)
+    packed, found = crops_where_found(images, masks, _identity, g, region_of)
+    assert found.tolist() == [True, False, False]
+    torch.testing.assert_close(packed[0], crop_features(images[:1], found_region[:1])[0])
+    side = packed[:, -1].exp() * 64
+    assert side[0] == (53 - 8) * 1.6 and bool((side[1:] < 22).all())  # the jittered 10 px mask box, with margin
+    packed_none, found_none = crops_where_found(images, masks, _identity, g, None)
+    assert not found_none.any() and packed_none.shape == packed.shape
 
 
 def test_namer_learns_the_pasted_kinds_and_reports_it() -> None:
