@@ -6,7 +6,9 @@ CLI, the batch audit and the gRPC engine call; it holds no per-request state.
 
 On a CUDA device the model runs from CUDA graphs captured when the Inspector is built, with frames
 resized on the GPU (`vision.cuda_graphs`); ``cuda_graphs=False`` keeps the eager path, which is
-also the only path on CPUs.
+also the only path on CPUs. On a CPU with native bf16 the eager path runs a copy whose linear and
+convolution weights are stored in bf16 (``cpu_bf16_copy``): bf16 autocast would otherwise cast
+every weight again on every call.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from torch import nn
 
 from lineinspect import __version__
 from lineinspect.errors import LineInspectError
 from lineinspect.vision.cuda_graphs import BUCKETS, CudaGraphRunner, cat_rows, inference_copy, split_batch
 from lineinspect.vision.defect_model import DefectModel, DefectOutput
+from lineinspect.vision.int8 import quantized_layers
 from lineinspect.vision.postprocess import boxes_at_levels, scale_boxes, upsample_map
 from lineinspect.vision.precision import autocast, autocast_dtype
 from lineinspect.vision.preprocess import to_batch
@@ -109,15 +113,31 @@ def graph_fields(cal: Calibration) -> tuple:
     return cal.score_source, cal.memory_mean, cal.memory_std, cal.novelty_mean, cal.novelty_std, bool(cal.class_names)
 
 
+def cpu_bf16_copy(model: DefectModel) -> DefectModel | None:
+    """A frozen copy of `model` with the weights of its linear and convolution layers in bf16 (the
+    rest fp32), for bf16 autocast on a CPU, where autocast casts fp32 weights anew on every call:
+    `s14` at batch 1 on a 2-core AVX512-BF16 CPU 55.5 -> 48.6 ms p50, the same maps (bench/RESULTS.md).
+    None for an int8 model (its packed linears do not copy this way)."""
+    if quantized_layers(model):
+        return None
+    twin = inference_copy(model, torch.float32)
+    for module in twin.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            module.to(torch.bfloat16)
+    return twin
+
+
 class Inspector:
     """The defect model and its calibration on one device (see the module docstring).
 
     With CUDA graphs (on CUDA unless ``cuda_graphs=False``), the graphs run a copy of `model` taken
     at construction, with weights in the Inspector's precision (bf16 by default): later changes to
     `model`'s weights are not seen, and setting a calibration that scores differently captures the
-    graphs again (seconds). `model` itself serves `run_model`; on a CPU its encoder is switched to
-    explicit attention, the faster form there (`VisionEncoder.use_fused_attention`). Forward hooks on
-    `model` (the language path's evidence tap) see each batch's input and output on both paths.
+    graphs again (seconds). `model` itself serves `run_model`, except on a CPU with native bf16, where
+    a copy with bf16 linear and convolution weights does (``cpu_bf16_copy``; the same caveat). On a
+    CPU the encoder is switched to explicit attention, the faster form there
+    (`VisionEncoder.use_fused_attention`). Forward hooks on `model` (the language path's evidence
+    tap) see each batch's input and output on every path.
     """
 
     def __init__(self, model: DefectModel, calibration: Calibration, device: torch.device | str = "cpu",
@@ -133,6 +153,11 @@ class Inspector:
         self.autocast_dtype = autocast_dtype(self.device, precision)
         self.buckets = buckets
         self.graphs = self._capture_graphs() if cuda_graphs and self.device.type == "cuda" else None
+        self._cpu_runner = None
+        if self.device.type == "cpu" and self.autocast_dtype == torch.bfloat16:
+            self._cpu_runner = cpu_bf16_copy(self.model)
+            if self._cpu_runner is not None:
+                self._cpu_runner.encoder.use_fused_attention(False)
 
     @property
     def calibration(self) -> Calibration:
@@ -200,7 +225,16 @@ class Inspector:
         """batch (B,3,S,S) float [0,1] on the device -> raw model output."""
         use_memory = uses_memory(self.calibration)
         with autocast(self.device, self.autocast_dtype):
-            return self.model(batch, use_memory=use_memory)
+            if self._cpu_runner is None:
+                return self.model(batch, use_memory=use_memory)
+            out = self._cpu_runner(batch, use_memory=use_memory)
+        self._call_hooks(batch, out)
+        return out
+
+    def _call_hooks(self, inputs: torch.Tensor, output: DefectOutput) -> None:
+        """The forward hooks of `model` (the language path's evidence tap), for calls that ran a copy."""
+        for hook in list(self.model._forward_hooks.values()):
+            hook(self.model, (inputs,), output)
 
     def inspect_batch(self, images: list[np.ndarray], heatmaps: list[bool] | bool = False,
                       sizes: list[tuple[int, int]] | None = None) -> list[Inspection]:
@@ -265,8 +299,7 @@ class Inspector:
             inputs, output = results[0].images, results[0].extra
             if len(results) > 1:
                 inputs, output = cat_rows([r.images for r in results]), cat_rows([r.extra for r in results])
-            for hook in hooks:
-                hook(self.model, (inputs,), output)
+            self._call_hooks(inputs, output)
         rows = [r.rows for r in results]
         table = rows[0] if len(rows) == 1 else np.concatenate(rows)
         k = self._prob_columns()
