@@ -105,6 +105,14 @@ class EvidenceConfig:
         return self.patch_dim + self.N_MAP + self.N_IMAGE + summary + decision + self.n_classes + 4 * self.pos_freqs
 
     @property
+    def verdict_index(self) -> int:
+        """Column of the fast path's verdict (1 = defect) in every token; needs `decision`."""
+        if not self.decision:
+            raise LineInspectError("evidence config: no decision features, so no verdict column")
+        summary = self.N_SUMMARY if self.summary else 0
+        return self.patch_dim + self.N_MAP + self.N_IMAGE + summary + 1  # after the calibrated score
+
+    @property
     def n_tokens(self) -> int:
         return self.grid * self.grid
 

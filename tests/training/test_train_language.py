@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,7 +16,12 @@ from lineinspect.moe_lm.report_model import LANGUAGE_DIR, load_language, prompt_
 from lineinspect.service.cli import main
 from lineinspect.training.datasets import open_dataset
 from lineinspect.training.synth import write_synthetic_dataset
-from lineinspect.training.train_language import LanguageTrainConfig, LanguageTrainer, encode_images
+from lineinspect.training.train_language import (
+    LanguageTrainConfig,
+    LanguageTrainer,
+    encode_images,
+    rows_agreeing_with_verdict,
+)
 from lineinspect.vision.defect_model import DefectModel, DefectModelConfig
 from lineinspect.vision.encoder import preset
 from lineinspect.vision.heads import HeadConfig
@@ -56,6 +62,7 @@ def test_three_stages_run_and_learn(trained) -> None:
     assert s3["probe_answer_loss_after"] < s3["probe_answer_loss_before"], s3
     assert all(v == 0.0 for v in s3["gates_before"].values())  # closed until stage 3
     assert all(v > 0.0 for v in s3["gates_after"].values())
+    assert 0.5 <= s3["rows_used"] <= 1.0
     assert sorted(summary["types"]) == sorted(json.loads((out / LANGUAGE_DIR / "language.json").read_text())
                                               ["data"]["types"])
     files = sorted(p.name for p in (out / LANGUAGE_DIR).iterdir())
@@ -107,3 +114,14 @@ def test_language_stages_need_a_defect_model(tmp_path, line) -> None:
     assert main(["train", "--data", str(line), "--out", str(tmp_path / "none"), "--stages", "1,2,3"]) == 2
     with pytest.raises(SystemExit):
         main(["train", "--data", str(line), "--out", str(tmp_path / "x"), "--stages", "defect,4"])
+
+
+def test_stage3_trains_on_rows_whose_verdict_agrees_with_the_label() -> None:
+    verdict = np.array([True, False, False, True, True, False])
+    defect = np.array([True, True, False, False, True, False])  # rows 1 (missed) and 3 (false alarm) disagree
+    caption = np.array([False, False, False, False, False, False])
+    assert rows_agreeing_with_verdict(verdict, defect, caption).tolist() == [0, 2, 4, 5]
+    caption[1] = True  # a user's caption is always kept
+    assert rows_agreeing_with_verdict(verdict, defect, caption).tolist() == [0, 1, 2, 4, 5]
+    # a fast path that disagrees with most labels is not followed: every row trains
+    assert rows_agreeing_with_verdict(~verdict, defect, np.zeros(6, bool)).tolist() == [0, 1, 2, 3, 4, 5]
