@@ -128,18 +128,24 @@ def position_code(grid: int, pos_freqs: int, device: torch.device | str = "cpu")
     return torch.cat((rows, cols), dim=-1).reshape(grid * grid, -1)
 
 
+def weighted_centroid(w: torch.Tensor) -> torch.Tensor:
+    """(B, S, S) weights summing to 1 per image -> their centroid (B, 2): y, x in [0, 1] (pixel centres)."""
+    S = w.shape[-1]
+    coords = (torch.arange(S, device=w.device, dtype=torch.float32) + 0.5) / S
+    return torch.stack(((w.sum(2) * coords).sum(1), (w.sum(1) * coords).sum(1)), dim=1)
+
+
 def region_summary(anomaly_map: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     """(B, 15): the anomaly map's peak per 3x3 cell (9), area above 0.5 (1), map-weighted centroid
     (y, x in [0, 1]) (2), map-weighted mean colour minus the image's mean colour (3).
     anomaly_map: (B, 1, S, S) in [0, 1]; images: (B, 3, H, W) in [0, 1]."""
     amap = anomaly_map.float()
-    B, _, S, _ = amap.shape
+    S = amap.shape[-1]
     x = F.interpolate(images.float(), size=(S, S), mode="bilinear") if images.shape[-1] != S else images.float()
     cells = F.adaptive_max_pool2d(amap, 3).flatten(1)  # (B, 9)
     area = (amap > 0.5).float().mean(dim=(1, 2, 3))[:, None]  # (B, 1)
     w = amap / amap.sum(dim=(2, 3), keepdim=True).clamp_min(1e-6)  # (B, 1, S, S), sums to 1
-    coords = (torch.arange(S, device=amap.device, dtype=torch.float32) + 0.5) / S
-    centroid = torch.stack(((w[:, 0].sum(2) * coords).sum(1), (w[:, 0].sum(1) * coords).sum(1)), dim=1)  # (B, 2)
+    centroid = weighted_centroid(w[:, 0])  # (B, 2)
     colour = (x * w).sum(dim=(2, 3)) - x.mean(dim=(2, 3))  # (B, 3)
     return torch.cat((cells, area, centroid, colour), dim=1)
 
@@ -151,12 +157,9 @@ def decision_summary(anomaly_map: torch.Tensor, score: torch.Tensor, threshold: 
     it to the centre), that centroid's 3x3 cell as a one-hot (row-major), and the argmax class
     as a one-hot when class_logits (B, K) are given. anomaly_map: (B, 1, S, S) in [0, 1]."""
     amap = anomaly_map.float()[:, 0]  # (B, S, S)
-    B, S, _ = amap.shape
     peak = amap.flatten(1).amax(1)[:, None, None]
     w = (amap - 0.5 * peak).clamp_min(0)
-    w = w / w.sum(dim=(1, 2), keepdim=True).clamp_min(1e-6)
-    coords = (torch.arange(S, device=amap.device, dtype=torch.float32) + 0.5) / S
-    focus = torch.stack(((w.sum(2) * coords).sum(1), (w.sum(1) * coords).sum(1)), dim=1)  # (B, 2)
+    focus = weighted_centroid(w / w.sum(dim=(1, 2), keepdim=True).clamp_min(1e-6))  # (B, 2)
     row_col = (focus * 3).long().clamp(0, 2)
     cell = F.one_hot(row_col[:, 0] * 3 + row_col[:, 1], 9).float()
     verdict = (score.float() >= threshold).float()
