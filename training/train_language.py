@@ -123,15 +123,16 @@ def encode_images(model: DefectModel, images: Sequence[np.ndarray], evidence: Ev
     return torch.cat(chunks) if chunks else torch.zeros(0, evidence.n_tokens, evidence.dim, dtype=torch.float16)
 
 
-def rows_agreeing_with_verdict(verdict: np.ndarray, defect: np.ndarray, caption: np.ndarray) -> np.ndarray:
-    """Indices of the training images whose fast-path verdict (bool per image) agrees with the label
-    (`defect`), plus every user caption. A pasted defect the fast path missed (or a good image it
-    flagged) carries no evidence the decoder could learn the label from; trained on, such rows taught
-    the decoder to call new good parts with a middling score defective although the verdict said good
-    (5 of 50 on a held-out line, 3 more with verdict 1). When fewer than half the rows agree the fast
-    path is too weak to follow, and every row is used."""
-    rows = np.flatnonzero((verdict == defect) | caption)
-    return rows if len(rows) >= len(verdict) / 2 else np.arange(len(verdict))
+def rows_the_evidence_supports(agrees: np.ndarray, caption: np.ndarray) -> np.ndarray:
+    """Stage 3's rows: the labelled images where the fast path's decision agrees with the label
+    (`agrees`, bool per image: see ``LanguageTrainer.stage3_rows``), plus every user caption. A pasted
+    defect the fast path missed, placed in another cell or named otherwise carries no evidence the
+    decoder could learn its label from; trained on, such rows taught it to call new good parts with a
+    middling score defective although the verdict said good (5 of 50 on a held-out line, 3 more with
+    verdict 1). When fewer than half the rows agree, the fast path is too weak to follow and every
+    row is used."""
+    rows = np.flatnonzero(agrees | caption)
+    return rows if len(rows) >= len(agrees) / 2 else np.arange(len(agrees))
 
 
 def right_pad(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -424,14 +425,26 @@ class LanguageTrainer:
         return result
 
     def stage3_rows(self) -> np.ndarray:
-        """Stage 3's training rows (``rows_agreeing_with_verdict``; all rows without decision features)."""
-        n = len(self.images)
-        if not self.evidence_cfg.decision:
+        """Stage 3's training rows (``rows_the_evidence_supports``; all rows without decision features).
+        A row agrees when its verdict matches the label and, for a defect with one grid cell or a
+        kind the defect model names, the decision's focus cell and named class match it too."""
+        n, cfg = len(self.images), self.evidence_cfg
+        if not cfg.decision:
             return np.arange(n)
-        verdict = self.evidence()[:, 0, self.evidence_cfg.verdict_index].float().numpy() > 0.5
-        defect = np.array([not lb.is_good for lb in self.labels])
+        decision = self.evidence()[:, 0, cfg.verdict_index :].float().numpy()  # verdict, y, x, cell (9), class (K)
+        verdict, cell = decision[:, 0] > 0.5, decision[:, 3:12].argmax(1)
+        named = decision[:, 12:].argmax(1) if cfg.n_classes else None
+        classes = list(self.calibration.class_names)
+        agrees = np.zeros(n, dtype=bool)
+        for i, label in enumerate(self.labels):
+            agrees[i] = verdict[i] != label.is_good
+            if agrees[i] and not label.is_good:
+                if len(label.locations) == 1 and label.locations[0] in cap.GRID_WORDS:
+                    agrees[i] &= bool(cell[i] == cap.GRID_WORDS.index(label.locations[0]))
+                if named is not None and label.type in classes:
+                    agrees[i] &= bool(named[i] == classes.index(label.type))
         caption = np.array([im.caption is not None for im in self.images])
-        return rows_agreeing_with_verdict(verdict, defect, caption)
+        return rows_the_evidence_supports(agrees, caption)
 
     def stage3(self) -> dict:
         """Captioning and QA through the gated cross-attention."""
@@ -457,7 +470,8 @@ class LanguageTrainer:
                 p.requires_grad_(True)
             groups += self._groups(self.cfg.lr[2] * self.cfg.rest_lr_scale, rest)
         n = len(self.images)
-        probe_rows = np.random.default_rng(self.cfg.seed + 4).integers(n, size=min(64, n))
+        usable = self.stage3_rows()
+        probe_rows = np.random.default_rng(self.cfg.seed + 4).choice(usable, size=min(64, len(usable)))
 
         probe_rng = np.random.default_rng(self.cfg.seed + 5)
         probe_pairs = [cap.example(self.labels[r], probe_rng, STAGE3_INTENTS, STAGE3_WEIGHTS)
@@ -474,8 +488,6 @@ class LanguageTrainer:
             return model.gate_openness(probe_ev, idx, mask), round(loss, 4)
 
         gates_before, probe_before = probe()
-
-        usable = self.stage3_rows()
 
         def step():
             rows = self.rng.choice(usable, size=self.cfg.batch_size)

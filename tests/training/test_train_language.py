@@ -14,13 +14,14 @@ from lineinspect.errors import LineInspectError
 from lineinspect.moe_lm.generate import SamplingConfig, generate
 from lineinspect.moe_lm.report_model import LANGUAGE_DIR, load_language, prompt_text
 from lineinspect.service.cli import main
+from lineinspect.training import captions as cap
 from lineinspect.training.datasets import open_dataset
 from lineinspect.training.synth import write_synthetic_dataset
 from lineinspect.training.train_language import (
     LanguageTrainConfig,
     LanguageTrainer,
     encode_images,
-    rows_agreeing_with_verdict,
+    rows_the_evidence_supports,
 )
 from lineinspect.vision.defect_model import DefectModel, DefectModelConfig
 from lineinspect.vision.encoder import preset
@@ -116,12 +117,28 @@ def test_language_stages_need_a_defect_model(tmp_path, line) -> None:
         main(["train", "--data", str(line), "--out", str(tmp_path / "x"), "--stages", "defect,4"])
 
 
-def test_stage3_trains_on_rows_whose_verdict_agrees_with_the_label() -> None:
-    verdict = np.array([True, False, False, True, True, False])
-    defect = np.array([True, True, False, False, True, False])  # rows 1 (missed) and 3 (false alarm) disagree
-    caption = np.array([False, False, False, False, False, False])
-    assert rows_agreeing_with_verdict(verdict, defect, caption).tolist() == [0, 2, 4, 5]
+def test_stage3_trains_on_rows_the_fast_paths_decision_supports() -> None:
+    agrees = np.array([True, False, True, False, True, True])  # rows 1 and 3: missed, misplaced or misnamed
+    caption = np.zeros(6, dtype=bool)
+    assert rows_the_evidence_supports(agrees, caption).tolist() == [0, 2, 4, 5]
     caption[1] = True  # a user's caption is always kept
-    assert rows_agreeing_with_verdict(verdict, defect, caption).tolist() == [0, 1, 2, 4, 5]
+    assert rows_the_evidence_supports(agrees, caption).tolist() == [0, 1, 2, 4, 5]
     # a fast path that disagrees with most labels is not followed: every row trains
-    assert rows_agreeing_with_verdict(~verdict, defect, np.zeros(6, bool)).tolist() == [0, 1, 2, 3, 4, 5]
+    assert rows_the_evidence_supports(~agrees, np.zeros(6, bool)).tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_stage3_rows_follow_the_verdict_and_the_focus_cell(trained, line) -> None:
+    out, _ = trained
+    trainer = LanguageTrainer(CONFIG, open_dataset(line), out)
+    cfg = trainer.evidence_cfg
+    labels = [cap.GOOD_LABEL, cap.DefectLabel("hole", ("top left",), 1), cap.DefectLabel("hole", ("center",), 1),
+              cap.DefectLabel("stain", (cap.SPREAD,), 1)]
+    trainer.images = [cap.LabelledImage(lb, pixels=np.zeros((8, 8, 3), np.uint8)) for lb in labels]
+    trainer.labels = labels
+    evidence = torch.zeros(len(labels), cfg.n_tokens, cfg.dim, dtype=torch.float16)
+    v = cfg.verdict_index
+    evidence[1:, :, v] = 1.0  # the fast path flags the three defects
+    for row, cell in ((0, 4), (1, 0), (2, 1), (3, 8)):  # row 2's focus is "top", its label "center"
+        evidence[row, :, v + 3 + cell] = 1.0
+    trainer._evidence = evidence
+    assert trainer.stage3_rows().tolist() == [0, 1, 3]  # a spread defect has no one cell to check
