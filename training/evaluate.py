@@ -11,7 +11,7 @@ from tqdm import tqdm
 from lineinspect.errors import LineInspectError
 from lineinspect.training.datasets import Dataset, Sample
 from lineinspect.training.metrics import EvalAccumulator, image_auroc, pixel_auroc
-from lineinspect.vision.inspector import Inspector, image_scores
+from lineinspect.vision.inspector import Inspector, calibrated_score
 from lineinspect.vision.preprocess import to_batch
 from lineinspect.vision.result import Box
 
@@ -62,7 +62,7 @@ def compare_models(reference: Inspector, candidate: Inspector, samples: list[Sam
         outs = []
         for insp in (reference, candidate):
             out = insp.run_model(to_batch(images, insp.input_size, insp.device))
-            outs.append((image_scores(out, insp.calibration)[insp.calibration.score_source].float().cpu().numpy(),
+            outs.append((calibrated_score(out, insp.calibration).float().cpu().numpy(),
                          out.anomaly_map.flatten(1).float().cpu().numpy()))
         (rs, rm), (cs, cm) = outs
         ref_scores += rs.tolist()

@@ -116,7 +116,7 @@ def graph_fields(cal: Calibration) -> tuple:
 def cpu_bf16_copy(model: DefectModel) -> DefectModel | None:
     """A frozen copy of `model` with the weights of its linear and convolution layers in bf16 (the
     rest fp32), for bf16 autocast on a CPU, where autocast casts fp32 weights anew on every call:
-    `s14` at batch 1 on a 2-core AVX512-BF16 CPU 55.5 -> 48.6 ms p50, the same maps (bench/RESULTS.md).
+    `s14` at batch 1 on a 2-core AVX512-BF16 CPU 54.7 -> 49.1 ms p50, the same maps (bench/RESULTS.md).
     None for an int8 model (its packed linears do not copy this way)."""
     if quantized_layers(model):
         return None
