@@ -12,7 +12,8 @@ reads the box's size. The region itself is not shown to it: the namer learns on 
 of pasted defects but meets the map's smooth regions at inference, and with the region as a
 fourth channel it named 0.89 of a held-out line right from true masks but 0.45 from the map.
 Each crop is standardised on its own, so the surface's tone and the lighting do not take part;
-training crops are flipped and turned, since a defect's kind does not depend on its orientation.
+training crops are flipped and turned, since a defect's kind does not depend on its orientation, and
+inference averages the namer's probabilities over the crop's eight orientations.
 Everything is tensor work without host synchronisation, so the path runs inside the Inspector's
 CUDA graphs.
 """
@@ -95,12 +96,22 @@ class CropNamer(nn.Module):
         self.out = nn.Sequential(nn.Linear(8 * w + 1, 4 * w), nn.GELU(), nn.Dropout(0.1), nn.Linear(4 * w, num_classes))
 
     def forward(self, packed: torch.Tensor) -> torch.Tensor:
+        """Training: logits of one random orientation per batch. Inference: the log of the class
+        probabilities averaged over the crop's eight orientations (dihedral test-time averaging;
+        `tiny` on a held-out synthetic line, crops where the map says: 0.771 -> 0.817 named right)."""
         crops = packed[:, :-1].view(-1, 3, CROP, CROP)
         log_side = packed[:, -1:]
         if self.training:  # orientation does not name a defect: one random flip and turn per batch
             if torch.rand(()) < 0.5:
                 crops = crops.flip(3)
-            crops = torch.rot90(crops, int(torch.randint(4, ())), (2, 3))
+            return self._logits(torch.rot90(crops, int(torch.randint(4, ())), (2, 3)), log_side)
+        turns = [torch.rot90(crops, k, (2, 3)) for k in range(4)]
+        views = torch.cat(turns + [t.flip(3) for t in turns])  # (8B, 3, CROP, CROP)
+        logits = self._logits(views, log_side.repeat(8, 1)).float()
+        probs = logits.softmax(1).view(8, len(crops), -1).mean(0)
+        return probs.clamp_min(1e-8).log()
+
+    def _logits(self, crops: torch.Tensor, log_side: torch.Tensor) -> torch.Tensor:
         x = (crops - crops.mean((1, 2, 3), keepdim=True)) / (crops.std((1, 2, 3), keepdim=True) + 0.02)
         x = x.to(self.out[0].weight.dtype)
         f = self.features(x)

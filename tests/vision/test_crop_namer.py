@@ -86,6 +86,22 @@ def test_namer_learns_to_tell_lines_from_blots() -> None:
     assert (logits.argmax(1) == kinds).float().mean() >= 0.9
 
 
+def test_inference_averages_over_the_eight_orientations() -> None:
+    torch.manual_seed(0)
+    namer = CropNamer(3, width=8).eval()
+    packed = torch.randn(5, 3 * CROP * CROP + 1)
+    crops, side = packed[:, :-1].view(-1, 3, CROP, CROP), packed[:, -1:]
+    turned = torch.cat([torch.rot90(crops, 1, (2, 3)).flip(3).flatten(1), side], 1)
+    with torch.no_grad():
+        log_probs = namer(packed)
+        assert torch.allclose(log_probs, namer(turned), atol=1e-5)  # the same eight views, in another order
+        assert torch.allclose(log_probs.exp().sum(1), torch.ones(5), atol=1e-5)
+        views = [torch.rot90(crops, k, (2, 3)).flip(3) if flip else torch.rot90(crops, k, (2, 3))
+                 for k in range(4) for flip in (False, True)]
+        by_hand = torch.stack([namer._logits(v, side).softmax(1) for v in views]).mean(0)
+    assert torch.allclose(log_probs.exp(), by_hand, atol=1e-5)
+
+
 def test_unknown_class_pooling_is_a_clear_error() -> None:
     with pytest.raises(LineInspectError, match="class_pooling 'signature'"):
         HeadConfig(class_pooling="signature")
