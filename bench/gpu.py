@@ -284,6 +284,10 @@ def vision_section(rec: Recorder, plan: Plan, device: torch.device, model: Defec
         rec.measure(f"DefectModel {tag} bf16 eager b{b}", forward_entry, full, images[b], device, plan, full_flops)
         graph_or_skip(rec, f"DefectModel {tag} bf16 CUDA graph b{b}", device, full, images[b], device, plan,
                       full_flops)
+        model.overlap_pixel_branch = False  # A/B: the head's pixel branch after the encoder, on one stream
+        graph_or_skip(rec, f"DefectModel {tag} bf16 CUDA graph b{b}, pixel branch on the main stream", device,
+                      full, images[b], device, plan, full_flops)
+        model.overlap_pixel_branch = True
     descriptors, _ = model.descriptors(images[big])
     rec.attempt("fit memory bank", model.memory.fit, descriptors.flatten(0, 1))
     if not bool(model.memory.fitted):
@@ -686,6 +690,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gen-batches", type=int, nargs="+", default=None, metavar="B",
                         help="batch sizes for the generation section (default: the plan's)")
     only = parser.add_mutually_exclusive_group()
+    only.add_argument("--only-vision", action="store_true", help="run section 1 alone (encoder, DefectModel)")
     only.add_argument("--only-generation", action="store_true", help="run section 5 alone")
     only.add_argument("--only-inspector", action="store_true", help="run section 2 alone")
     only.add_argument("--only-moe", action="store_true", help="run section 4 alone")
@@ -700,12 +705,12 @@ def main(argv: list[str] | None = None) -> None:
     rec.write(environment(device, args.quick))
     started = time.perf_counter()
 
-    everything = not (args.only_generation or args.only_inspector or args.only_moe)
+    everything = not (args.only_vision or args.only_generation or args.only_inspector or args.only_moe)
     model = flops = None
     with torch.inference_mode():
         if not (args.only_inspector or args.only_moe):
             model = rec.attempt("build DefectModel", build_defect_model, plan, device)
-        if model is not None and everything:
+        if model is not None and (everything or args.only_vision):
             flops = rec.attempt("section 1: encoder", vision_section, rec, plan, device, model)
     if everything or args.only_inspector:  # builds its Inspectors as serving does, outside inference mode
         rec.attempt("section 2: Inspector", inspector_section, rec, plan, device)

@@ -54,6 +54,8 @@ class DefectModel(nn.Module):
         self.recon = nn.Linear(enc.embed_dim, enc.patch_size * enc.patch_size * 3)
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
+        self.overlap_pixel_branch = True  # CUDA inference: the head's pixel branch on a side stream; off for A/B
+        self._side: torch.cuda.Stream | None = None
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """(B,3,S,S) float in [0,1] -> normalised input."""
@@ -79,9 +81,21 @@ class DefectModel(nn.Module):
         that CUDA graph capture does not allow.
         """
         x = self.normalize(images)
-        enc = self.encoder(x)
+        side = self._side_stream(x)
+        if side is None:
+            pixel = None
+            enc = self.encoder(x)
+        else:  # the head's pixel branch needs no ViT tokens: run it beside the encoder
+            main = torch.cuda.current_stream(x.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                pixel = self.head.pixel_branch(x)
+            enc = self.encoder(x)
+            main.wait_stream(side)
+            # The branch's tensors are used and freed on the main stream; the side stream reuses
+            # their memory only in a later call, after it waits for the main stream again (above).
         cls_token = enc.cls
-        head = self.head(x, enc.features, cls_token)
+        head = self.head(x, enc.features, cls_token, pixel=pixel)
         prob = torch.sigmoid(head.mask_logits.float())
         k = self.config.map_smoothing
         smooth = F.avg_pool2d(prob, k, 1, k // 2, count_include_pad=False) if k > 1 else prob
@@ -102,6 +116,21 @@ class DefectModel(nn.Module):
             cls=cls_token,
             patches=enc.patches,
         )
+
+    def _side_stream(self, x: torch.Tensor) -> torch.cuda.Stream | None:
+        """The stream for the head's pixel branch beside the encoder: CUDA inference only (at
+        batch 1 neither fills an H200 alone), and only where ``overlap_pixel_branch`` is on."""
+        if not (self.overlap_pixel_branch and x.is_cuda and not torch.is_grad_enabled()):
+            return None
+        if self._side is None or self._side.device != x.device:
+            self._side = torch.cuda.Stream(x.device)
+        return self._side
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the side stream behind (a CUDA stream cannot be copied)."""
+        state = dict(super().__getstate__())
+        state["_side"] = None
+        return state
 
     def masked_reconstruction_loss(self, images: torch.Tensor, mask_ratio: float = 0.5) -> torch.Tensor:
         """SimMIM-style self-supervision: hide a random subset of patches, predict their pixels.

@@ -153,6 +153,19 @@ def region_stats(region: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         ], 1)
 
 
+class PixelFeatures(NamedTuple):
+    """What the head sees in the pixels alone (``DefectHead.pixel_branch``); optional parts are
+    None where the config leaves them out."""
+
+    f2: torch.Tensor  # (B, c1, S/2, S/2) pixel branch
+    f4: torch.Tensor  # (B, c2, S/4, S/4)
+    f8: torch.Tensor  # (B, c3, S/8, S/8)
+    novelty: torch.Tensor | None  # (B, 1, S/8, S/8) self-similarity novelty of f8
+    bands: torch.Tensor | None  # (B, BANDPASS_CHANNELS, S/8, S/8) Laplacian-pyramid bands, fp32
+    band_novelty: torch.Tensor | None  # (B, 1, S/8, S/8) their novelty, fp32
+    line_peaks: torch.Tensor | None  # (B, 1, S/8, S/8) log1p of the thin-line filters' peak per cell
+
+
 class HeadOutput(NamedTuple):
     mask_logits: torch.Tensor  # (B, 1, S, S) per-pixel defect logits at model input resolution
     image_logit: torch.Tensor  # (B,) image-level defect logit
@@ -195,11 +208,9 @@ class DefectHead(nn.Module):
                                  nn.Linear(d, config.num_classes))
         return nn.Sequential(nn.Linear(pooled, d), nn.GELU(), nn.Dropout(0.1), nn.Linear(d, config.num_classes))
 
-    def forward(self, images: torch.Tensor, vit_features: list[torch.Tensor], cls: torch.Tensor,
-                class_region: torch.Tensor | None = None) -> HeadOutput:
-        """images (B,3,S,S); vit_features: per layer (B,C,h,w); cls (B,C). `class_region` (B,1,S,S)
-        in [0,1]: where to look when naming the defect (training passes the true masks, so the
-        class head learns from the start; otherwise the predicted map)."""
+    def pixel_branch(self, images: torch.Tensor) -> PixelFeatures:
+        """Everything the head computes from the pixels alone, without the ViT's tokens: on a GPU
+        it can run on a side stream while the encoder runs (``DefectModel.forward``)."""
         ridges = None
         if self.ridges is not None:
             with torch.autocast(images.device.type, enabled=False):  # faint lines need fp32
@@ -207,20 +218,29 @@ class DefectHead(nn.Module):
             f2, f4, f8 = self.stem(torch.cat([images, ridges.to(images.dtype)], 1))
         else:
             f2, f4, f8 = self.stem(images)
-        v = self.vit_proj(torch.cat(vit_features, dim=1))  # (B, d, h, w)
-        at8 = [F.interpolate(v, size=f8.shape[-2:], mode="bilinear"), f8]
         novelty = self_similarity_map(f8) if self.config.self_similarity else None
-        if novelty is not None:
-            at8.append(novelty.log().to(f8.dtype))
-        band_novelty = None
+        bands = band_novelty = None
         if self.bandpass is not None:
             with torch.autocast(images.device.type, enabled=False):  # faint shading needs fp32
                 bands = self.bandpass(images, f8.shape[-2:])
                 band_novelty = self_similarity_map(bands)
+        line_peaks = None if ridges is None else ridge_peaks(ridges, f8.shape[-2:]).log1p()
+        return PixelFeatures(f2, f4, f8, novelty, bands, band_novelty, line_peaks)
+
+    def forward(self, images: torch.Tensor, vit_features: list[torch.Tensor], cls: torch.Tensor,
+                class_region: torch.Tensor | None = None, pixel: PixelFeatures | None = None) -> HeadOutput:
+        """images (B,3,S,S); vit_features: per layer (B,C,h,w); cls (B,C). `class_region` (B,1,S,S)
+        in [0,1]: where to look when naming the defect (training passes the true masks, so the
+        class head learns from the start; otherwise the predicted map). `pixel`: this head's
+        ``pixel_branch(images)`` when the caller computed it already."""
+        f2, f4, f8, novelty, bands, band_novelty, line_peaks = pixel if pixel is not None else self.pixel_branch(images)
+        v = self.vit_proj(torch.cat(vit_features, dim=1))  # (B, d, h, w)
+        at8 = [F.interpolate(v, size=f8.shape[-2:], mode="bilinear"), f8]
+        if novelty is not None:
+            at8.append(novelty.log().to(f8.dtype))
+        if bands is not None:
             at8 += [bands.to(f8.dtype), band_novelty.log().to(f8.dtype)]
-        line_peaks = None
-        if ridges is not None:
-            line_peaks = ridge_peaks(ridges, f8.shape[-2:]).log1p()
+        if line_peaks is not None:
             at8.append(line_peaks.to(f8.dtype))
         x8 = self.fuse8(torch.cat(at8, 1))
         x = self.fuse4(torch.cat([F.interpolate(x8, size=f4.shape[-2:], mode="bilinear"), f4], 1))

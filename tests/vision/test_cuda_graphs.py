@@ -8,6 +8,7 @@ tests marked for CUDA capture real graphs and compare them with the eager path.
 
 from __future__ import annotations
 
+import copy
 from functools import partial
 
 import cv2
@@ -260,3 +261,19 @@ def test_cuda_graphs_replay_new_frames_on_gpu() -> None:
     first, second, again = (graphed.inspect_batch(x, heatmaps=True)[0] for x in (a, b, a))
     assert not np.array_equal(first.heatmap, second.heatmap)  # the static input really changes
     assert np.array_equal(first.heatmap, again.heatmap)  # and a replay is deterministic
+
+
+@needs_cuda
+def test_pixel_branch_beside_the_encoder_changes_nothing_on_gpu() -> None:
+    model = small_model().cuda()
+    images = torch.rand(3, 3, SIZE, SIZE, device="cuda")
+    with torch.inference_mode():
+        model.overlap_pixel_branch = False
+        alone = model(images, use_memory=False)
+        model.overlap_pixel_branch = True
+        beside = model(images, use_memory=False)
+    assert model._side is not None  # the side stream really ran
+    for a, b in zip(alone, beside, strict=True):
+        if a is not None:
+            assert torch.allclose(a, b, atol=1e-5)
+    assert copy.deepcopy(model)._side is None  # copies leave the stream behind
