@@ -50,6 +50,9 @@ PRESET_DEFAULTS = {
     "s14": (3000, 16, 64, 4096, 5e-4, 0.1),
     "l14": (4000, 16, 64, 8192, 2e-4, 0.15),
 }
+# On a CPU the few hundred steps a budget allows are worth more on the defect objective: `s14`, 20
+# minutes on a 2-core CPU, held-out image AUROC 0.985 / 0.984 with 10 % SSL, 0.989 / 0.986 without.
+CPU_SSL_FRACTION = 0.0
 
 
 SOURCE_MARGIN = 0.03  # validation AUROC lead another score source needs over the learned head
@@ -98,7 +101,8 @@ class TrainConfig:
         gpu = self.device.startswith("cuda")
         return replace(self, steps=self.steps or steps, batch_size=self.batch_size or (gpu_bs if gpu else cpu_bs),
                        memory_bank_size=self.memory_bank_size or bank, lr=self.lr or lr,
-                       ssl_fraction=ssl if self.ssl_fraction is None else self.ssl_fraction)
+                       ssl_fraction=(ssl if gpu else CPU_SSL_FRACTION) if self.ssl_fraction is None
+                       else self.ssl_fraction)
 
 
 class Batch(NamedTuple):
