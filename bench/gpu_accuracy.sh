@@ -5,7 +5,7 @@
 # the ridge filters (s14_neu_noridges, the ablation), and s14 naming with the namer's crops cut around
 # jittered masks instead of where the model finds them (s14_metal_named_maskcrops); trainings share the
 # H200 (BUDGET=seconds per training, RUNS=the names to run, by default the first three).
-# Every eval's JSON line lands in $OUT/evals.jsonl as it arrives. LANGUAGE=seconds also trains the
+# EXTRA=more train arguments for every run (e.g. "--seed 1"). Every eval's JSON line lands in $OUT/evals.jsonl as it arrives. LANGUAGE=seconds also trains the
 # language stages on the s14_metal_named* runs and writes eval-language's line to $OUT/language.jsonl.
 source "$(dirname "$0")/gpu_setup.sh"
 B=${BUDGET:-300}
@@ -15,12 +15,15 @@ log synth done
 run() {  # name train_data test_data extra-train-args...
   local name=$1 data=$2 test=$3; shift 3
   rm -rf $R/$name  # a warm machine keeps runs/ from an earlier call
-  timeout $((B + 150)) lineinspect train --data $data --preset s14 --device cuda --time-budget $B --out $R/$name "$@" \
+  timeout $((B + 150)) lineinspect train --data $data --preset s14 --device cuda --time-budget $B --out $R/$name "$@" ${EXTRA:-} \
     2> $R/$name.log | tail -1 >> "$OUT/train.jsonl"
   log "train $name done"
   echo "{\"run\": \"$name\", \"result\": $(lineinspect eval --model $R/$name --data $test --device cuda --json 2>>$R/eval.log | tail -1)}" \
     >> "$OUT/evals.jsonl"
   log "eval $name done"
+  if grep -q name-pasted-kinds <<< "$*"; then  # where the namer confuses the kinds (map crops vs true masks)
+    python3 bench/namer_confusion.py $R/$name $test --device cuda >> "$OUT/namer.jsonl" 2>>$R/eval.log
+  fi
 }
 language() {  # name: the three language stages on that model, then eval-language (LANGUAGE=seconds, 0 = skip)
   local name=$1 L=${LANGUAGE:-0}

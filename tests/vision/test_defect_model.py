@@ -139,6 +139,22 @@ def test_class_head_looks_at_the_defect_not_the_faint_background() -> None:
 
 
 
+def test_focus_region_keeps_the_spot_that_holds_the_peak() -> None:
+    """A weaker second spot above half the peak stays out of the region (it would stretch the
+    namer's crop around both); a long defect joined to the peak stays whole, gaps under 4 px too."""
+    from lineinspect.vision.heads import focus_region
+
+    prob = torch.full((2, 1, 96, 96), 0.05)
+    prob[0, :, 10:14, 8:90] = 0.9  # a long scratch across the image...
+    prob[0, :, 10:14, 40:42] = 0.2  # ... broken by a 2 px gap below half the peak
+    prob[0, :, 60:70, 60:70] = 0.7  # and a separate, weaker spot
+    prob[1, :, 50:53, 20:25] = 0.8  # one small spot
+    region = focus_region(prob)
+    assert int(region[0, :, 60:70, 60:70].sum()) == 0
+    assert int(region[0].sum()) == 4 * 80 and int(region[1].sum()) == 3 * 5
+    assert set(region.unique().tolist()) == {0.0, 1.0}
+
+
 def test_explicit_attention_computes_what_the_fused_kernel_does_and_serves_on_cpus() -> None:
     model = small_model().eval()
     x = torch.rand(2, 3, 64, 64)
