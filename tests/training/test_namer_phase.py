@@ -86,3 +86,5 @@ def test_namer_learns_the_pasted_kinds_and_reports_it() -> None:
     assert notes["namer_heldout_accuracy"] >= notes["namer_heldout_before"]  # a worse refit is not kept
     assert notes["namer_heldout_accuracy"] >= 0.7  # a scratch and a hole are easy to tell apart (0.89 quiet)
     assert not namer.training
+    # trained channels-last for speed, handed back in the layout the model directory's safetensors need
+    assert all(t.is_contiguous() for t in namer.state_dict().values())
