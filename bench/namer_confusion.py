@@ -13,12 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from held_out_defects import labelled_batches
 
-from lineinspect.training.datasets import open_dataset
 from lineinspect.vision.model_io import load_model_dir
 from lineinspect.vision.precision import autocast, autocast_dtype
-from lineinspect.vision.preprocess import to_batch
 
 
 def main() -> None:
@@ -35,23 +33,16 @@ def main() -> None:
     if not names:
         raise SystemExit(f"{args.model}: the model names no classes (train with class labels or --name-pasted-kinds)")
     size = model.config.encoder.img_size
-    samples = [s for s in open_dataset(args.data).test if s.is_defect and s.label in names]
     confusion = {"map": np.zeros((len(names),) * 2, int), "mask": np.zeros((len(names),) * 2, int)}
-    for start in range(0, len(samples), 32):
-        chunk = samples[start : start + 32]
-        images = [s.load_image() for s in chunk]
-        batch = to_batch(images, size, device)
-        masks = torch.stack([torch.from_numpy(np.ascontiguousarray(s.load_mask(im.shape[:2]))).float()[None]
-                             for s, im in zip(chunk, images)])
-        masks = (F.interpolate(masks, size=(size, size), mode="area") >= 0.25).float().to(device)
+    for batch, masks, truth in labelled_batches(args.data, names, size, device):
         with torch.inference_mode(), autocast(device, autocast_dtype(device, "auto")):
             picked = {"map": model.logits(batch).class_logits,
                       "mask": model.logits(batch, class_region=masks).class_logits}
-        truth = [names.index(s.label) for s in chunk]
         for crops, logits in picked.items():
             for t, p in zip(truth, logits.float().argmax(1).tolist()):
                 confusion[crops][t, p] += 1
-    result = {"model": args.model, "data": args.data, "classes": names, "n_defects": len(samples)}
+    result = {"model": args.model, "data": args.data, "classes": names,
+              "n_defects": int(confusion["map"].sum())}
     for crops, m in confusion.items():
         result[f"{crops}_crops_accuracy"] = round(float(m.trace() / max(m.sum(), 1)), 4)
         result[f"{crops}_crops_confusion"] = m.tolist()  # rows: true class, columns: named class
