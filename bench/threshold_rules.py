@@ -1,0 +1,68 @@
+"""How a trained model's threshold rules carry from its validation set to a held-out line: the F1-optimal
+threshold it was calibrated with against thresholds for a target false-reject rate on the same validation
+good images (`lineinspect train --target-frr`). Rebuilds the training's validation set (same split, same
+pasted copies), scores it and the test split with the model's score source.
+
+    python bench/threshold_rules.py MODEL_DIR TRAIN_DATA TEST_DATA
+
+Prints one row per rule: threshold, test F1, share of good parts passed, defect recall; then one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+from lineinspect.training.datasets import open_dataset
+from lineinspect.training.metrics import threshold_for_false_reject_rate
+from lineinspect.training.train_defect import TrainConfig, Trainer
+from lineinspect.vision.inspector import image_scores
+from lineinspect.vision.model_io import load_inspector, load_model_dir
+
+FALSE_REJECT_RATES = (0.05, 0.1)
+
+
+def main() -> None:
+    if len(sys.argv) != 4:
+        raise SystemExit(__doc__)
+    model_dir, train_data, test_data = sys.argv[1:]
+    model, cal, _ = load_model_dir(model_dir)
+    trainer = Trainer(TrainConfig(preset=model.config.encoder.preset, name_pasted_kinds=bool(cal.class_names)),
+                      open_dataset(train_data), tempfile.mkdtemp())
+    trainer.load_data()
+    trainer.model = model.to(trainer.device)
+    images, _, labels, _ = trainer.validation_set()
+    val = torch.cat([image_scores(o, cal)[cal.score_source] for o in trainer.outputs(images)]).cpu().numpy()
+    val_defect = labels.numpy().astype(bool)
+
+    inspector = load_inspector(model_dir)
+    test = open_dataset(test_data).test
+    scores, defect = [], []
+    for first in range(0, len(test), 16):
+        chunk = test[first : first + 16]
+        scores += [r.score for r in inspector.inspect_batch([s.load_image() for s in chunk])]
+        defect += [s.is_defect for s in chunk]
+    scores, defect = np.array(scores), np.array(defect)
+
+    rules = {"F1-optimal (calibrated)": cal.threshold}
+    for rate in FALSE_REJECT_RATES:
+        rules[f"false-reject rate {rate} on validation goods"] = float(threshold_for_false_reject_rate(val[~val_defect],
+                                                                                                       rate))
+    rows = {}
+    for name, threshold in rules.items():
+        flagged = scores >= threshold
+        f1 = 2 * (flagged & defect).sum() / (flagged.sum() + defect.sum())
+        rows[name] = {"threshold": round(threshold, 4), "test_f1": round(float(f1), 4),
+                      "good_passed": round(float((~flagged[~defect]).mean()), 4),
+                      "defect_recall": round(float(flagged[defect].mean()), 4)}
+        print(f"{name:45s} " + "  ".join(f"{k} {v}" for k, v in rows[name].items()))
+    print(json.dumps({"model": model_dir, "n_val_good": int((~val_defect).sum()), "n_val_defect": int(val_defect.sum()),
+                      "rules": rows}))
+
+
+if __name__ == "__main__":
+    main()
