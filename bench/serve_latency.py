@@ -329,7 +329,8 @@ def start_replicas(args: argparse.Namespace, config: ServerConfig, count: int) -
         cmd = [sys.executable, "-c", "import sys; from lineinspect.service.cli import main; sys.exit(main())",
                "serve", *model, "--device", args.device, "--port", str(port), "--precision", args.precision,
                "--max-batch", str(config.max_batch), "--min-batch", str(config.min_batch),
-               "--max-delay-ms", str(config.max_delay_ms), "--decode-workers", str(config.decode_threads)]
+               "--max-delay-ms", str(config.max_delay_ms), "--decode-workers", str(config.decode_threads),
+               "--jpeg-decode", config.jpeg_decode]
         if not args.cuda_graphs:
             cmd.append("--no-cuda-graphs")
         replicas.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port))
@@ -435,6 +436,8 @@ def parse_args() -> argparse.Namespace:
                     help="server replicas: this process's server plus N-1 `lineinspect serve` processes; "
                     "stream k goes to replica k mod N (default 1)")
     ap.add_argument("--decode-workers", type=int, default=0, help="server decode threads (default 0: by device)")
+    ap.add_argument("--jpeg-decode", choices=("auto", "cpu", "gpu"), default="auto",
+                    help="where the server decodes JPEG frames (default auto: nvJPEG on a CUDA device)")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     return ap.parse_args()
 
@@ -447,7 +450,7 @@ def main() -> None:
     jpegs = [encode_jpeg(f, args.jpeg_quality) for f in frames]
     config = ServerConfig(port=0, device=args.device, min_batch=min(args.min_batch, args.max_batch),
                           max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, grace_s=2.0,
-                          decode_workers=args.decode_workers)
+                          decode_workers=args.decode_workers, jpeg_decode=args.jpeg_decode)
     results: dict[str, Any] = {
         "setup": {"preset": inspector.preset, "model": str(args.model) if args.model else None,
                   "device": args.device, "frame": f"{WIDTH}x{HEIGHT} JPEG q{args.jpeg_quality}",
@@ -455,7 +458,7 @@ def main() -> None:
                   "warmup": args.warmup, "min_batch": config.min_batch, "max_batch": config.max_batch,
                   "max_delay_ms": config.max_delay_ms, "cuda_graphs": inspector.info()["cuda_graphs"],
                   "precision": str(getattr(inspector, "autocast_dtype", None) or "fp32"),
-                  "decode_threads": config.decode_threads, "replicas": args.replicas,
+                  "decode_threads": config.decode_threads, "jpeg_decode": args.jpeg_decode, "replicas": args.replicas,
                   "client_processes": args.client_processes, "seconds": args.seconds},
         "machine": machine(),
     }
@@ -463,6 +466,7 @@ def main() -> None:
     running: RunningServer = loop.run(start_server(config, inspector))
     replicas = start_replicas(args, config, args.replicas - 1) if args.replicas > 1 else []
     ports = [running.port] + [port for _, port in replicas]
+    results["setup"]["jpeg_on_device"] = running.engine.device_jpeg is not None
     try:
         # on the server's worker thread, the one thread that runs the model (vision.cpu_threads)
         results["model"] = loop.run(running.engine.batcher.run_on_worker(

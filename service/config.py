@@ -32,6 +32,7 @@ class ServerConfig:
     max_message_mb: int = 32  # largest gRPC message either way; bigger -> RESOURCE_EXHAUSTED
     max_image_pixels: int = MAX_PIXELS  # decoded width*height limit, checked from the header first
     decode_workers: int = 0  # threads decoding images and encoding heatmaps; 0 = by device (decode_threads)
+    jpeg_decode: str = "auto"  # where JPEG frames decode: "cpu", "gpu" (nvJPEG), "auto" = gpu on a CUDA device
     stream_window: int = 256  # frames one stream may have in flight before the server stops reading
     frame_timeout_ms: float = 2000.0  # a stream frame older than this is dropped (DEADLINE_EXCEEDED); 0 = off
 
@@ -64,6 +65,8 @@ class ServerConfig:
             raise LineInspectError(f"server: max_image_pixels must be >= 1, got {self.max_image_pixels}")
         if self.decode_workers < 0 or self.stream_window < 1:
             raise LineInspectError("server: decode_workers must be >= 0 and stream_window >= 1")
+        if self.jpeg_decode not in ("auto", "cpu", "gpu"):
+            raise LineInspectError(f"server: jpeg_decode must be auto, cpu or gpu, got {self.jpeg_decode!r}")
         if self.frame_timeout_ms < 0 or self.grace_s < 0:
             raise LineInspectError("server: frame_timeout_ms and grace_s must be >= 0")
         if (self.tls_cert is None) != (self.tls_key is None):

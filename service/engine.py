@@ -32,7 +32,9 @@ from lineinspect.images import check_size, decode_image, encode_png, header_size
 from lineinspect.service.batcher import Batcher, BatcherConfig, Priority
 from lineinspect.service.config import ServerConfig
 from lineinspect.service.metrics import ServiceMetrics
+from lineinspect.vision.device_jpeg import DeviceJpegDecoder
 from lineinspect.vision.inspector import FrameOutput
+from lineinspect.vision.preprocess import Frame
 from lineinspect.vision.result import Inspection
 
 if TYPE_CHECKING:
@@ -46,7 +48,7 @@ class InspectorLike(Protocol):
 
     input_size: int  # model input side: frames may be decoded shrunk down to it, never below
 
-    def run_batch(self, images: list[np.ndarray]) -> list[FrameOutput]: ...
+    def run_batch(self, images: list[Frame]) -> list[FrameOutput]: ...
 
     def finish(self, out: FrameOutput, size: tuple[int, int], heatmap: bool = False) -> Inspection: ...
 
@@ -83,11 +85,12 @@ ImageSource = EncodedImage | RawPixels
 _ITEMSIZE = {"uint8": 1, "uint16": 2}
 
 
-def decode_source(source: ImageSource, max_pixels: int, name: str = "image",
-                  min_side: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+def decode_source(source: ImageSource, max_pixels: int, name: str = "image", min_side: int | None = None,
+                  device_jpeg: DeviceJpegDecoder | None = None) -> tuple[Frame, tuple[int, int]]:
     """Any image source -> (RGB uint8 (h, w, 3), the source's (H, W)); InvalidImage /
     ImageTooLarge say what is wrong. With `min_side`, a JPEG may decode shrunk (h, w < H, W),
-    never below min_side a side (`images.jpeg_reduction`)."""
+    never below min_side a side (`images.jpeg_reduction`). With `device_jpeg`, a JPEG within the
+    size limit decodes on its GPU (a CUDA tensor); what nvJPEG refuses decodes on the CPU."""
     if isinstance(source, RawPixels):
         image = _decode_raw(source, max_pixels, name)
         return image, image.shape[:2]
@@ -98,6 +101,10 @@ def decode_source(source: ImageSource, max_pixels: int, name: str = "image",
             check_size(*size, name, max_pixels)
         except LineInspectError as exc:
             raise (ImageTooLarge if min(size) > 0 else InvalidImage)(str(exc)) from None
+        if device_jpeg is not None:
+            frame = device_jpeg.decode(data)
+            if frame is not None:
+                return frame, (size[1], size[0])
     try:
         image = decode_image(data, name, max_pixels, min_side=min_side)
     except LineInspectError as exc:
@@ -136,12 +143,26 @@ def heatmap_png(heatmap: np.ndarray) -> bytes:
     return encode_png((np.clip(heatmap, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
 
 
+def device_jpeg_decoder(config: ServerConfig) -> DeviceJpegDecoder | None:
+    """nvJPEG for JPEG frames where the model runs on a GPU (``jpeg_decode`` "auto" or "gpu");
+    "gpu" where it cannot work is an error at start-up, "auto" falls back to the CPU."""
+    if config.jpeg_decode == "cpu" or not config.device.startswith("cuda"):
+        if config.jpeg_decode == "gpu":
+            raise LineInspectError(f"server: --jpeg-decode gpu needs a CUDA device, the model runs on {config.device}")
+        return None
+    decoder = DeviceJpegDecoder.create(config.device)
+    if decoder is None and config.jpeg_decode == "gpu":
+        raise LineInspectError("server: --jpeg-decode gpu, but nvJPEG does not work here (see the log); "
+                               "use --jpeg-decode cpu or auto")
+    return decoder
+
+
 # ------------------------------------------------------------------------------ engine
 
 
 @dataclass(frozen=True)
 class _Task:
-    image: np.ndarray  # RGB uint8 (h, w, 3), possibly decoded shrunk
+    image: Frame  # RGB uint8 (h, w, 3), possibly decoded shrunk, on the host or (nvJPEG) the GPU
     size: tuple[int, int]  # (H, W) of the image as sent: heatmaps and boxes are in its pixels
     want_heatmap: bool
     frame_key: tuple[str, int] | None = None  # store this frame's evidence tokens under the key
@@ -176,6 +197,7 @@ class InspectionEngine:
         self.config = config
         self.metrics = metrics
         self._pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="lineinspect-decode")
+        self.device_jpeg = device_jpeg_decoder(config)
         self.batcher: Batcher[_Task, _Output] = Batcher(
             self._process,
             BatcherConfig(config.min_batch, config.max_batch, config.max_delay_ms, config.queue_size),
@@ -243,7 +265,8 @@ class InspectionEngine:
         max_pixels = self.config.max_image_pixels
 
         def prepare(src: ImageSource) -> _Task:
-            image, size = decode_source(src, max_pixels, name, min_side=self.inspector.input_size)
+            image, size = decode_source(src, max_pixels, name, min_side=self.inspector.input_size,
+                                        device_jpeg=self.device_jpeg)
             return _Task(image, size, want_heatmap, frame_key, want_tokens)
 
         done = await self.batcher.submit(
@@ -342,6 +365,7 @@ class InspectionEngine:
             "max_delay_ms": self.config.max_delay_ms,
             "queue_capacity": self.config.queue_size,
         }
+        info["jpeg_decode"] = "gpu" if self.device_jpeg is not None else "cpu"
         info["server_version"] = __version__
         info["max_message_bytes"] = self.config.max_message_bytes
         return info

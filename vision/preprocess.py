@@ -24,10 +24,18 @@ def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
-def to_batch(images: list[np.ndarray], size: int, device: torch.device,
+Frame = np.ndarray | torch.Tensor  # RGB uint8 (H, W, 3): host array, or a device tensor (vision.device_jpeg)
+
+
+def host_frame(image: Frame) -> np.ndarray:
+    """A frame as a host array (a device frame is copied back)."""
+    return image.cpu().numpy() if isinstance(image, torch.Tensor) else image
+
+
+def to_batch(images: list[Frame], size: int, device: torch.device,
              dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """list of RGB uint8 (H,W,3) -> (B,3,size,size) float in [0,1] on `device`."""
-    stacked = np.stack([resize_rgb(im, size) for im in images])  # (B, S, S, 3) uint8
+    stacked = np.stack([resize_rgb(host_frame(im), size) for im in images])  # (B, S, S, 3) uint8
     t = torch.from_numpy(stacked)
     if device.type == "cuda":
         t = t.pin_memory().to(device, non_blocking=True)
@@ -81,22 +89,27 @@ def _resize_matrix(n_in: int, n_out: int, mode: str, gain: float, device: torch.
         return torch.from_numpy(resize_weights(n_in, n_out, mode) * gain).to(device, torch.float32)
 
 
-def frames_into(images: list[np.ndarray], out: torch.Tensor) -> None:
+def frames_into(images: list[Frame], out: torch.Tensor) -> None:
     """RGB uint8 (H,W,3) frames -> out[:len(images)], (B,3,S,S) in [0,1], resized on out's device
     with `resize_rgb`'s filters.
 
     Frames of one size travel together: one (pinned, on CUDA) host buffer, one copy to the device,
     two matrix products. The copy is asynchronous; the pinned buffer stays reserved until it is done.
+    Frames already on out's device (decoded there) are stacked there and skip the copy.
     """
     size = out.shape[-1]
     pinned = out.device.type == "cuda"
-    groups: dict[tuple[int, int], list[int]] = {}
+    groups: dict[tuple[int, int, bool], list[int]] = {}
     for i, image in enumerate(images):
-        groups.setdefault(image.shape[:2], []).append(i)
-    for (h, w), rows in groups.items():
-        host = torch.empty((len(rows), h, w, 3), dtype=torch.uint8, pin_memory=pinned)
-        np.stack([images[i] for i in rows], out=host.numpy())
-        x = host.to(out.device, non_blocking=pinned).permute(0, 3, 1, 2)
+        on_device = isinstance(image, torch.Tensor) and image.device == out.device
+        groups.setdefault((*image.shape[:2], on_device), []).append(i)
+    for (h, w, on_device), rows in groups.items():
+        if on_device:
+            x = torch.stack([images[i] for i in rows]).permute(0, 3, 1, 2)
+        else:
+            host = torch.empty((len(rows), h, w, 3), dtype=torch.uint8, pin_memory=pinned)
+            np.stack([host_frame(images[i]) for i in rows], out=host.numpy())
+            x = host.to(out.device, non_blocking=pinned).permute(0, 3, 1, 2)
         x = x.to(torch.float32, memory_format=torch.contiguous_format)  # (k, 3, h, w)
         if (h, w) == (size, size):
             x = x.div_(255.0)

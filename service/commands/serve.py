@@ -45,6 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--decode-workers", type=int, default=0,
                    help="threads decoding images (default 0: up to 4 on a CPU device; on a GPU all cores "
                    "but one, up to 16)")
+    p.add_argument("--jpeg-decode", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="where JPEG frames decode: on the GPU through nvJPEG (gpu), on the CPU (cpu), or "
+                   "on the GPU when the model runs on one and nvJPEG works there (auto, the default)")
     p.add_argument("--max-message-mb", type=int, default=32, help="largest gRPC message (default 32 MiB)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds to drain in-flight work on SIGTERM")
     p.set_defaults(func=run)
@@ -63,6 +66,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_delay_ms=args.max_delay_ms, queue_size=args.queue_size, max_message_mb=args.max_message_mb,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         auth_token_file=args.auth_token_file, grace_s=args.grace, decode_workers=args.decode_workers,
+        jpeg_decode=args.jpeg_decode,
     )
 
 

@@ -488,3 +488,15 @@ def test_sigterm_drains_and_exits_zero(media) -> None:
     reader.join(timeout=5)
     messages = [json.loads(line).get("message") for line in lines if line.startswith("{")]
     assert "draining" in messages and "stopped" in messages
+
+
+def test_jpeg_decode_setting_is_checked_and_gpu_decoding_needs_a_gpu() -> None:
+    from lineinspect.service.config import ServerConfig
+    from lineinspect.service.engine import device_jpeg_decoder
+
+    with pytest.raises(LineInspectError, match="jpeg_decode must be auto, cpu or gpu"):
+        ServerConfig(jpeg_decode="fpga")
+    assert device_jpeg_decoder(ServerConfig(device="cpu")) is None  # auto on a CPU: OpenCV decodes
+    assert device_jpeg_decoder(ServerConfig(device="cuda", jpeg_decode="cpu")) is None
+    with pytest.raises(LineInspectError, match="needs a CUDA device"):
+        device_jpeg_decoder(ServerConfig(device="cpu", jpeg_decode="gpu"))

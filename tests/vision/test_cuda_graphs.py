@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from lineinspect.errors import LineInspectError
+from lineinspect.images import decode_image, encode_jpeg, encode_png
 from lineinspect.service.describe import EvidenceTap
 from lineinspect.training.train_language import evidence_config_for
 from lineinspect.vision import inspector as inspector_module
@@ -29,6 +30,7 @@ from lineinspect.vision.cuda_graphs import (
     split_batch,
 )
 from lineinspect.vision.defect_model import DefectModel, DefectModelConfig, DefectOutput
+from lineinspect.vision.device_jpeg import DeviceJpegDecoder
 from lineinspect.vision.encoder import preset
 from lineinspect.vision.heads import HeadConfig
 from lineinspect.vision.inspector import Calibration, Inspector
@@ -119,6 +121,16 @@ def test_frames_into_keeps_the_order_of_mixed_sizes() -> None:
         assert torch.equal(out[row], torch.from_numpy(image).permute(2, 0, 1).float() / 255)
     shrunk = cv2.resize(b[0], (SIZE, SIZE), interpolation=cv2.INTER_AREA)
     assert (out[1] - torch.from_numpy(shrunk).permute(2, 0, 1).float() / 255).abs().max() <= 0.5 / 255 + 1e-6
+
+
+def test_frames_already_on_the_device_skip_the_host_and_match_host_frames() -> None:
+    host = frames(2, (240, 320)) + frames(1, (SIZE, SIZE), seed=1)
+    on_device = [torch.from_numpy(im.transpose(2, 0, 1).copy()).permute(1, 2, 0) for im in host]  # as nvJPEG gives
+    expected, got = torch.zeros(3, 3, SIZE, SIZE), torch.zeros(3, 3, SIZE, SIZE)
+    frames_into(host, expected)
+    frames_into([on_device[0], host[1], on_device[2]], got)  # mixed in one batch, in order
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.equal(to_batch(on_device, SIZE, torch.device("cpu")), to_batch(host, SIZE, torch.device("cpu")))
 
 
 # --------------------------------------------------------------------------- the runner
@@ -261,6 +273,23 @@ def test_cuda_graphs_replay_new_frames_on_gpu() -> None:
     first, second, again = (graphed.inspect_batch(x, heatmaps=True)[0] for x in (a, b, a))
     assert not np.array_equal(first.heatmap, second.heatmap)  # the static input really changes
     assert np.array_equal(first.heatmap, again.heatmap)  # and a replay is deterministic
+
+
+@needs_cuda
+def test_nvjpeg_frames_match_opencv_and_refusals_fall_back() -> None:
+    decoder = DeviceJpegDecoder.create("cuda")
+    assert decoder is not None
+    image = frames(1, (480, 640), seed=3)[0]
+    data = encode_jpeg(image, 95)
+    frame = decoder.decode(data)
+    assert frame is not None and frame.is_cuda and tuple(frame.shape) == (480, 640, 3)
+    reference = decode_image(data)
+    assert np.abs(frame.cpu().numpy().astype(np.int16) - reference).mean() < 2.0
+    assert decoder.decode(data[: len(data) // 2]) is None  # truncated: the CPU decoder names the problem
+    assert decoder.decode(encode_png(image)) is None  # not a JPEG
+    graphed = Inspector(small_model(), Calibration(), "cuda", buckets=(1, 2))
+    on_gpu, on_cpu = graphed.inspect_batch([frame]), graphed.inspect_batch([reference])
+    assert on_gpu[0].score == pytest.approx(on_cpu[0].score, abs=0.02)
 
 
 @needs_cuda
