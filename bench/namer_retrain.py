@@ -5,7 +5,8 @@ model stays fixed, so namer settings can be compared without the spread of whole
     python bench/namer_retrain.py MODEL_DIR TRAIN_DATA TEST_DATA SECONDS [name=value ...]
 
 `name=value` overrides a module setting for the run: `BATCH=64`, `LR=0.004` (training.namer_phase),
-`crop.SAMPLING=0`, `crop.MARGIN=0.6` (vision.crop_namer). The last stdout line is one JSON object.
+`crop.SAMPLING=0`, `crop.MARGIN=0.6` (vision.crop_namer); `seed=1` the run's seed. The last stdout line
+is one JSON object.
 """
 
 from __future__ import annotations
@@ -40,13 +41,17 @@ def main() -> None:
     if len(sys.argv) < 5:
         raise SystemExit(__doc__)
     model_dir, train_data, test_data, seconds, *settings = sys.argv[1:]
+    seed = 0
     for setting in settings:
-        override(setting)
-    torch.manual_seed(0)
+        if setting.startswith("seed="):
+            seed = int(setting.removeprefix("seed="))
+        else:
+            override(setting)
+    torch.manual_seed(seed)
     model, cal, _ = load_model_dir(model_dir)
     preset = model.config.encoder.preset
     budget = float(seconds) / NAMER_SHARE  # the namer phase gets NAMER_SHARE of a training's budget
-    trainer = Trainer(TrainConfig(preset=preset, name_pasted_kinds=True, time_budget=budget),
+    trainer = Trainer(TrainConfig(preset=preset, name_pasted_kinds=True, time_budget=budget, seed=seed),
                       open_dataset(train_data), tempfile.mkdtemp())
     trainer.load_data()
     model.head.class_out = crop_namer.CropNamer(len(cal.class_names))

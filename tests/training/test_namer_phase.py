@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from lineinspect.training.data_cache import ImageCache
-from lineinspect.training.namer_phase import crops_where_found, namer_pool, train_namer
+from lineinspect.training.namer_phase import crops_where_found, namer_pool, partial_masks, train_namer
 from lineinspect.training.surfaces import make_surface
 from lineinspect.vision.crop_namer import CROP, MIN_SIDE, CropNamer, crop_features
 
@@ -73,6 +73,20 @@ def test_crops_are_cut_where_the_model_finds_the_defect_else_around_the_mask() -
     assert side[0] == (53 - 8) * 1.6 and bool((side[1:] < 22).all())  # the jittered 10 px mask box, with margin
     packed_none, found_none = crops_where_found(images, masks, _identity, g, None)
     assert not found_none.any() and packed_none.shape == packed.shape
+
+
+def test_partial_masks_keep_a_nonempty_part_of_each_defect() -> None:
+    masks = torch.zeros(4, 1, 64, 64)
+    masks[0, :, 30:32, 4:60] = 1.0  # a long scratch
+    masks[1, :, 10:40, 10:40] = 1.0  # a blob
+    masks[2, :, 50, 50] = 1.0  # one pixel: its window may hold nothing, then it stays whole
+    # image 3: no defect at all stays empty
+    cut = partial_masks(masks, torch.Generator().manual_seed(0), share=1.0)
+    assert bool((cut <= masks).all())  # only ever a part
+    assert [bool(c.any()) for c in cut] == [True, True, True, False]
+    area, whole = cut.sum((1, 2, 3)), masks.sum((1, 2, 3))
+    assert float(area[0]) <= 0.7 * float(whole[0]) + 2 and float(area[1]) <= 0.5 * float(whole[1])
+    assert torch.equal(partial_masks(masks, torch.Generator().manual_seed(0), share=0.0), masks)
 
 
 def test_namer_learns_the_pasted_kinds_and_reports_it() -> None:
