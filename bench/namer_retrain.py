@@ -5,8 +5,9 @@ model stays fixed, so namer settings can be compared without the spread of whole
     python bench/namer_retrain.py MODEL_DIR TRAIN_DATA TEST_DATA SECONDS [name=value ...]
 
 `name=value` overrides a module setting for the run: `BATCH=64`, `LR=0.004` (training.namer_phase),
-`crop.SAMPLING=0`, `crop.MARGIN=0.6` (vision.crop_namer); `seed=1` the run's seed. The last stdout line
-is one JSON object.
+`crop.SAMPLING=0`, `crop.MARGIN=0.6` (vision.crop_namer); `seed=1` the run's seed; `save=DIR` writes the
+model with its new namer there (a model directory, e.g. to train the language stages on). The last stdout
+line is one JSON object.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import lineinspect.training.namer_phase as namer_phase
 import lineinspect.vision.crop_namer as crop_namer
 from lineinspect.training.datasets import open_dataset
 from lineinspect.training.train_defect import NAMER_SHARE, TrainConfig, Trainer
-from lineinspect.vision.model_io import load_model_dir
+from lineinspect.vision.model_io import load_model_dir, read_model_config, save_model_dir
 from lineinspect.vision.precision import autocast, autocast_dtype
 
 
@@ -41,10 +42,12 @@ def main() -> None:
     if len(sys.argv) < 5:
         raise SystemExit(__doc__)
     model_dir, train_data, test_data, seconds, *settings = sys.argv[1:]
-    seed = 0
+    seed, save = 0, None
     for setting in settings:
         if setting.startswith("seed="):
             seed = int(setting.removeprefix("seed="))
+        elif setting.startswith("save="):
+            save = setting.removeprefix("save=")
         else:
             override(setting)
     torch.manual_seed(seed)
@@ -61,6 +64,11 @@ def main() -> None:
     notes["seconds"] = round(time.monotonic() - start, 1)
 
     model.eval()
+    if save is not None:
+        kept = {k: v for k, v in read_model_config(model_dir).items()
+                if k not in ("format", "format_version", "lineinspect_version", "model", "calibration", "quantization")}
+        kept["namer_retrain"] = {"from": model_dir, "settings": settings, **notes}
+        save_model_dir(save, model, cal, extra=kept)
     names, size, device = list(cal.class_names), model.config.encoder.img_size, torch.device("cpu")
     right = {"map": np.zeros(len(names), int), "mask": np.zeros(len(names), int)}
     count = np.zeros(len(names), int)
