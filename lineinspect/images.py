@@ -82,6 +82,12 @@ def jpeg_reduction(size: tuple[int, int] | None, data: bytes, min_side: int | No
     return next((r for r in (8, 4, 2) if min(size) // r >= min_side), 1)
 
 
+def jpeg_truncated(data: bytes) -> bool:
+    """A JPEG without its end-of-image marker (trailing zero padding allowed): decoders fill the
+    missing scan with grey and only warn, and a verdict on half an image is wrong."""
+    return data[:2] == b"\xff\xd8" and not data.rstrip(b"\x00").endswith(b"\xff\xd9")
+
+
 def decode_image(data: bytes, source: str = "image", max_pixels: int = MAX_PIXELS,
                  min_side: int | None = None) -> np.ndarray:
     """Encoded bytes (JPEG, PNG, BMP, TIFF, ...) -> RGB uint8 (H, W, 3), or a clear LineInspectError.
@@ -98,8 +104,7 @@ def decode_image(data: bytes, source: str = "image", max_pixels: int = MAX_PIXEL
     if image is None:
         raise LineInspectError(f"{source}: not a decodable image (corrupt, truncated or unknown format)")
     check_size(image.shape[1], image.shape[0], source, max_pixels)
-    if data[:2] == b"\xff\xd8" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
-        # libjpeg fills a truncated scan with grey and only warns; a verdict on half an image is wrong.
+    if jpeg_truncated(data):
         raise LineInspectError(f"{source}: JPEG is truncated (no end-of-image marker); resend the whole file")
     return to_rgb(image, source)
 

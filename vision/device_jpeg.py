@@ -22,6 +22,8 @@ import threading
 import numpy as np
 import torch
 
+from lineinspect.images import jpeg_truncated
+
 log = logging.getLogger(__name__)
 
 JPEG_SIGNATURE = b"\xff\xd8\xff"
@@ -49,7 +51,7 @@ class DeviceJpegDecoder:
             decoder = cls(device)
             decoder.probe()
         except Exception as exc:  # an old torchvision, a build without nvJPEG, a driver without it
-            log.warning("JPEG frames decode on the CPU: nvJPEG is not usable here", extra={"reason": repr(exc)})
+            log.warning("JPEG frames decode on the CPU: nvJPEG is not usable here (%r)", exc)
             return None
         return decoder
 
@@ -57,15 +59,15 @@ class DeviceJpegDecoder:
         """Decode a small test JPEG and compare it with OpenCV's decode (raises when they differ)."""
         import cv2
 
-        rng = np.random.default_rng(0)
-        image = cv2.GaussianBlur(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8), (5, 5), 0)
+        yy, xx = np.mgrid[0:48, 0:64]  # smooth colour ramps: decoders differ in how they upsample noisy chroma
+        image = np.stack([xx * 4, yy * 5, 255 - xx * 2 - yy * 2], -1).astype(np.uint8)
         ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
         frame = self.decode(buf.tobytes())
         if frame is None:
             raise RuntimeError("nvJPEG refused a test JPEG")
         reference = cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
         gap = np.abs(frame.cpu().numpy().astype(np.int16) - reference).mean()
-        if gap > 2.0:
+        if gap > 3.0:
             raise RuntimeError(f"nvJPEG's test frame differs from OpenCV's by {gap:.2f} grey levels on average")
 
     def _stream(self) -> torch.cuda.Stream:
@@ -77,7 +79,7 @@ class DeviceJpegDecoder:
     def decode(self, data: bytes) -> torch.Tensor | None:
         """JPEG bytes -> (H, W, 3) uint8 RGB view of a CUDA tensor, complete when returned; None
         when the bytes are not a JPEG nvJPEG decodes (the caller then decodes on the CPU)."""
-        if not data.startswith(JPEG_SIGNATURE):
+        if not data.startswith(JPEG_SIGNATURE) or jpeg_truncated(data):  # nvJPEG decodes a truncated file silently
             return None
         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         stream = self._stream()
