@@ -19,9 +19,10 @@ Policy
   rates are moving averages. When the worker is free it takes whatever is queued (up to
   max_batch) at once if that reaches the target; otherwise it waits for more, but never
   longer than `max_delay_ms` after the oldest queued item arrived, and only while company
-  is likely: most recent arrivals came within max_delay of the one before (a moving average;
-  with no history yet, company is assumed). So a lone camera, or one client waiting for each
-  reply, is served at once instead of waiting max_delay for items that will not come; bursts
+  is likely: most recent arrivals came within max_delay of the one before while other work was
+  in flight (a moving average; with no history yet, company is assumed). So a lone camera, or
+  one client waiting for each reply, is served at once instead of waiting max_delay for items
+  that will not come - even when its replies come back faster than max_delay; bursts
   and busy traffic wait at most max_delay; and under heavy load batches grow towards
   max_batch with no added delay (items queue up while the previous batch runs).
 * One worker thread runs `process_batch(items) -> results` once per batch. A result that is an
@@ -131,11 +132,15 @@ class _LoadEstimate:
     company: _Ewma = field(default_factory=lambda: _Ewma(0.1))  # share of gaps <= window
     last_arrival: float | None = None
 
-    def arrival(self, now: float) -> None:
+    def arrival(self, now: float, others_in_flight: bool) -> None:
+        """An item arrived at `now`; `others_in_flight`: other items were queued or running then.
+        A client that waits for each reply sends its next item only when nothing of its own is
+        in flight, so a short gap alone is no sign of company (a lone camera answered in 4 ms
+        would otherwise wait up to max_delay for itself on every other frame)."""
         if self.last_arrival is not None:
             gap = now - self.last_arrival
             self.gap.add(gap)
-            self.company.add(1.0 if gap <= self.window else 0.0)
+            self.company.add(1.0 if gap <= self.window and others_in_flight else 0.0)
         self.last_arrival = now
 
     def company_likely(self) -> bool:
@@ -269,7 +274,7 @@ class Batcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         await self._admit(priority, wait)
         request = _Request(item, priority, loop.create_future(), deadline)
-        self._load.arrival(time.monotonic())
+        self._load.arrival(time.monotonic(), others_in_flight=self.depth() > 1 or bool(self._running))
         try:
             if prepare is not None:
                 t0 = time.perf_counter()

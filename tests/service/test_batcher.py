@@ -235,6 +235,22 @@ def test_sparse_traffic_is_not_held_for_company() -> None:
     run(main())
 
 
+def test_a_lone_client_answered_faster_than_max_delay_is_not_held_for_itself() -> None:
+    async def main() -> None:
+        model = MeanModel()
+        batcher = await started(model, min_batch=4, max_batch=16, max_delay_ms=200)
+        waits = []
+        for i in range(16):  # replies come back well within max_delay, and the next item follows at once
+            t0 = time.perf_counter()
+            await batcher.submit(img(i))
+            waits.append(time.perf_counter() - t0)
+            await asyncio.sleep(0.005)
+        assert max(waits[2:]) < 0.1, waits  # short gaps, but nothing else was in flight: no company
+        await batcher.stop()
+
+    run(main())
+
+
 def test_batches_grow_under_load() -> None:
     async def main() -> None:
         model = MeanModel(delay_s=0.03)  # each model call takes 30 ms
