@@ -15,10 +15,9 @@ from torch import nn
 from lineinspect.vision.encoder import EncoderConfig, VisionEncoder
 from lineinspect.vision.heads import DefectHead, HeadConfig, HeadOutput
 from lineinspect.vision.memory_bank import PatchMemoryBank, patch_descriptors
+from lineinspect.vision.preprocess import MEAN, STD
 
 # ImageNet statistics; also what timm and CLIP-style checkpoints expect within rounding.
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)

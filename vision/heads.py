@@ -27,7 +27,9 @@ from torch import nn
 
 from lineinspect.errors import LineInspectError
 from lineinspect.vision.bandpass import BANDPASS_CHANNELS, BandPass
+from lineinspect.vision.chroma import CHROMA_CHANNELS, chroma_deviation
 from lineinspect.vision.crop_namer import CropNamer, crop_features
+from lineinspect.vision.preprocess import STD
 from lineinspect.vision.ridges import RIDGE_CHANNELS, Ridges, ridge_peaks
 from lineinspect.vision.self_similarity import self_similarity_map
 
@@ -54,6 +56,9 @@ class HeadConfig:
     # oriented thin-line filter responses (vision.ridges) into the pixel branch, their peak per
     # 1/8 cell into the decoder: scratches one pixel wide that the branch does not learn in minutes
     ridges: bool = True
+    # each 1/8 cell's hue against the rest of its image (vision.chroma): stains that change a grey
+    # surface's colour more than its brightness
+    chroma: bool = True
 
     def __post_init__(self) -> None:
         if self.class_pooling not in CLASS_POOLINGS:
@@ -72,6 +77,7 @@ class HeadConfig:
         data.setdefault("bandpass", False)
         data.setdefault("class_region", "soft")
         data.setdefault("ridges", False)
+        data.setdefault("chroma", False)
         return cls(**data)
 
 
@@ -175,6 +181,7 @@ class PixelFeatures(NamedTuple):
     bands: torch.Tensor | None  # (B, BANDPASS_CHANNELS, S/8, S/8) Laplacian-pyramid bands, fp32
     band_novelty: torch.Tensor | None  # (B, 1, S/8, S/8) their novelty, fp32
     line_peaks: torch.Tensor | None  # (B, 1, S/8, S/8) log1p of the thin-line filters' peak per cell
+    chroma: torch.Tensor | None  # (B, CHROMA_CHANNELS, S/8, S/8) colour deviation from the image's own, fp32
 
 
 class HeadOutput(NamedTuple):
@@ -196,7 +203,8 @@ class DefectHead(nn.Module):
             nn.Conv2d(vit_dim * n_vit_layers, d, 1, bias=False), nn.BatchNorm2d(d), nn.GELU()
         )
         extra = sum(map(int, (config.self_similarity, config.bandpass, config.ridges)))  # novelty maps
-        bands = BANDPASS_CHANNELS if config.bandpass else 0
+        bands = (BANDPASS_CHANNELS if config.bandpass else 0) + (CHROMA_CHANNELS if config.chroma else 0)
+        self.register_buffer("input_std", torch.tensor(STD), persistent=False)
         self.bandpass = BandPass() if config.bandpass else None
         self.fuse8 = nn.Sequential(conv_block(d + c3 + extra + bands, d), conv_block(d, d))
         self.fuse4 = nn.Sequential(conv_block(d + c2, d), conv_block(d, d))
@@ -236,7 +244,8 @@ class DefectHead(nn.Module):
                 bands = self.bandpass(images, f8.shape[-2:])
                 band_novelty = self_similarity_map(bands)
         line_peaks = None if ridges is None else ridge_peaks(ridges, f8.shape[-2:]).log1p()
-        return PixelFeatures(f2, f4, f8, novelty, bands, band_novelty, line_peaks)
+        chroma = chroma_deviation(images, f8.shape[-2:], self.input_std) if self.config.chroma else None
+        return PixelFeatures(f2, f4, f8, novelty, bands, band_novelty, line_peaks, chroma)
 
     def forward(self, images: torch.Tensor, vit_features: list[torch.Tensor], cls: torch.Tensor,
                 class_region: torch.Tensor | None = None, pixel: PixelFeatures | None = None) -> HeadOutput:
@@ -244,7 +253,8 @@ class DefectHead(nn.Module):
         in [0,1]: where to look when naming the defect (training passes the true masks, so the
         class head learns from the start; otherwise the predicted map). `pixel`: this head's
         ``pixel_branch(images)`` when the caller computed it already."""
-        f2, f4, f8, novelty, bands, band_novelty, line_peaks = pixel if pixel is not None else self.pixel_branch(images)
+        f2, f4, f8, novelty, bands, band_novelty, line_peaks, chroma = (
+            pixel if pixel is not None else self.pixel_branch(images))
         v = self.vit_proj(torch.cat(vit_features, dim=1))  # (B, d, h, w)
         at8 = [F.interpolate(v, size=f8.shape[-2:], mode="bilinear"), f8]
         if novelty is not None:
@@ -253,6 +263,8 @@ class DefectHead(nn.Module):
             at8 += [bands.to(f8.dtype), band_novelty.log().to(f8.dtype)]
         if line_peaks is not None:
             at8.append(line_peaks.to(f8.dtype))
+        if chroma is not None:
+            at8.append(chroma.to(f8.dtype))
         x8 = self.fuse8(torch.cat(at8, 1))
         x = self.fuse4(torch.cat([F.interpolate(x8, size=f4.shape[-2:], mode="bilinear"), f4], 1))
         x = F.interpolate(self.squeeze2(x), size=f2.shape[-2:], mode="bilinear")

@@ -15,6 +15,9 @@ import cv2
 import numpy as np
 import torch
 
+MEAN = (0.485, 0.456, 0.406)  # the model's input normalisation per RGB channel (ImageNet's)
+STD = (0.229, 0.224, 0.225)
+
 
 def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
     """RGB uint8 (H,W,3) -> (size,size,3). The whole frame is used: a line camera's framing is fixed."""

@@ -1,0 +1,43 @@
+"""Colour deviation marks a change of hue, not of brightness, against the part's own colour."""
+
+from __future__ import annotations
+
+import torch
+
+from lineinspect.vision.chroma import CHROMA_CHANNELS, chroma_deviation
+from lineinspect.vision.heads import HeadConfig
+from lineinspect.vision.preprocess import MEAN, STD
+
+MEAN_T, STD_T = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def magnitude(images: torch.Tensor) -> torch.Tensor:
+    """The deviation's magnitude per 1/8 cell of (B,3,64,64) images in [0, 1], normalised as the model's input."""
+    out = chroma_deviation((images - MEAN_T) / STD_T, (8, 8), torch.tensor(STD))
+    assert out.shape == (len(images), CHROMA_CHANNELS, 8, 8) and out.dtype == torch.float32
+    return out[:, 2]
+
+
+def test_a_stain_of_another_hue_stands_out_where_it_is_and_a_dark_spot_does_not() -> None:
+    torch.manual_seed(0)
+    grey = 0.6 + 0.02 * torch.randn(1, 3, 64, 64)  # sensor noise on an evenly grey part
+    rust, dark = grey.clone(), grey.clone()
+    rust[0, 0, 40:56, 8:24] += 0.06  # redder and less blue, same brightness on average
+    rust[0, 2, 40:56, 8:24] -= 0.06
+    dark[0, :, 40:56, 8:24] -= 0.1  # a brightness change only (a dent's shading)
+    plain, stained, shaded = magnitude(grey)[0], magnitude(rust)[0], magnitude(dark)[0]
+    assert float(stained[5:7, 1:3].min()) > 2 * float(plain.max())
+    assert float(stained[0:4, 4:8].max()) <= float(plain.max()) + 0.5  # away from the stain: as before
+    torch.testing.assert_close(shaded, plain, atol=1e-3, rtol=0)
+
+
+def test_the_parts_own_tint_is_normal() -> None:
+    torch.manual_seed(1)
+    grey = 0.5 + 0.02 * torch.randn(1, 3, 64, 64)
+    tinted = grey * torch.tensor([1.2, 1.0, 0.8]).view(1, 3, 1, 1)  # a brass-coloured part, evenly
+    assert float(magnitude(tinted).max()) < 2.0  # asinh of a couple of spreads at most: nothing stands out
+
+
+def test_model_directories_from_before_colour_deviation_load_without_it() -> None:
+    old = {k: v for k, v in HeadConfig().to_dict().items() if k != "chroma"}
+    assert HeadConfig.from_dict(old).chroma is False and HeadConfig().chroma is True
