@@ -49,8 +49,8 @@ PARTIAL_EXTENT = (0.2, 0.7)  # the part's window, as a share of the defect's box
 
 
 def partial_masks(masks: torch.Tensor, g: torch.Generator, share: float | None = None) -> torch.Tensor:
-    """`masks` (B,1,S,S) with a random `share` (default PARTIAL) of them cut to a window of their own box (PARTIAL_EXTENT
-    of its height and width at a random place); a cut that leaves nothing keeps the whole mask."""
+    """`masks` (B,1,S,S) with a random `share` (default PARTIAL) of them cut to a window of their own box
+    (PARTIAL_EXTENT of its height and width at a random place); a cut that leaves nothing keeps the whole mask."""
     share = PARTIAL if share is None else share
     b, _, s, _ = masks.shape
     inside = masks[:, 0] > 0.5

@@ -70,6 +70,7 @@ class TrainConfig:
     decoder_channels: int | None = None  # override the head's decoder width
     bandpass: bool = True  # the head also sees the image's Laplacian-pyramid bands (vision.bandpass)
     ridges: bool = True  # ... and oriented thin-line filter responses (vision.ridges)
+    chroma: bool = False  # ... and each cell's colour deviation from the part's own (vision.chroma)
     device: str = "cpu"
     seed: int = 0
     time_budget: float | None = None  # seconds for the whole command; phases end cleanly inside it
@@ -164,7 +165,7 @@ class Trainer:
                                   ("decoder_channels", self.cfg.decoder_channels)) if v}
         self.model = DefectModel(DefectModelConfig(
             enc, HeadConfig(num_classes=len(self.class_names), bandpass=self.cfg.bandpass,
-                             ridges=self.cfg.ridges, **head),
+                             ridges=self.cfg.ridges, chroma=self.cfg.chroma, **head),
             memory_bank_size=self.cfg.memory_bank_size,
         ))
         if pretrained is not None:

@@ -47,6 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="ablation: the head does without the image's Laplacian-pyramid bands (vision.bandpass)")
     p.add_argument("--no-ridges", dest="ridges", action="store_false",
                    help="ablation: the head does without the oriented thin-line filters (vision.ridges)")
+    p.add_argument("--chroma", action="store_true",
+                   help="the head also reads each cell's colour deviation from the part's own hue (vision.chroma): "
+                   "for lines whose stains change colour more than brightness; costs soft defects some pixel AUROC")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--stages", default="defect", type=parse_stages,
                    help='what to train: "defect" (default), "1,2,3" (the language stages, on the defect model '
@@ -114,6 +117,6 @@ def train_defect(args: argparse.Namespace, dataset) -> None:
         paste_types=args.paste_types, ssl_fraction=args.ssl_fraction, target_frr=args.target_frr,
         pretrained=str(args.pretrained) if args.pretrained else None, pretrained_act=args.pretrained_act,
         precision=args.precision, name_pasted_kinds=args.name_pasted_kinds, bandpass=args.bandpass,
-        ridges=args.ridges, namer_regions=args.namer_regions,
+        ridges=args.ridges, chroma=args.chroma, namer_regions=args.namer_regions,
     )
     Trainer(config, dataset, args.out, resume=args.resume).run()

@@ -40,4 +40,19 @@ def test_the_parts_own_tint_is_normal() -> None:
 
 def test_model_directories_from_before_colour_deviation_load_without_it() -> None:
     old = {k: v for k, v in HeadConfig().to_dict().items() if k != "chroma"}
-    assert HeadConfig.from_dict(old).chroma is False and HeadConfig().chroma is True
+    assert HeadConfig.from_dict(old).chroma is False and HeadConfig(chroma=True).chroma is True
+
+
+def test_a_head_with_colour_deviation_trains_and_runs() -> None:
+    from lineinspect.vision.defect_model import DefectModel, DefectModelConfig
+    from lineinspect.vision.encoder import preset
+
+    torch.manual_seed(0)
+    model = DefectModel(DefectModelConfig(preset("tiny", img_size=64), HeadConfig(chroma=True), memory_bank_size=8))
+    images = torch.rand(2, 3, 64, 64)
+    head = model.logits(images)
+    head.mask_logits.mean().backward()  # the colour channels feed the decoder that learns
+    assert model.head.fuse8[0][0].weight.grad is not None
+    with torch.inference_mode():
+        out = model.eval()(images, use_memory=False)
+    assert out.anomaly_map.shape == (2, 1, 64, 64)
