@@ -70,7 +70,7 @@ class TrainConfig:
     decoder_channels: int | None = None  # override the head's decoder width
     bandpass: bool = True  # the head also sees the image's Laplacian-pyramid bands (vision.bandpass)
     ridges: bool = True  # ... and oriented thin-line filter responses (vision.ridges)
-    chroma: bool = False  # ... and each cell's colour deviation from the part's own (vision.chroma)
+    chroma: str = "pixel"  # ... and each cell's colour deviation from the part's own: off, image, pixel (HeadConfig)
     device: str = "cpu"
     seed: int = 0
     time_budget: float | None = None  # seconds for the whole command; phases end cleanly inside it
