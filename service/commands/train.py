@@ -47,10 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="ablation: the head does without the image's Laplacian-pyramid bands (vision.bandpass)")
     p.add_argument("--no-ridges", dest="ridges", action="store_false",
                    help="ablation: the head does without the oriented thin-line filters (vision.ridges)")
-    p.add_argument("--chroma", choices=("pixel", "image", "off"), default="pixel",
+    p.add_argument("--chroma", choices=("auto", "pixel", "image", "off"), default="auto",
                    help="where the head reads each cell's colour deviation from the part's own hue (vision.chroma): "
-                   "'pixel' (default) = into the map's decoder, 'image' = its peak into the image score only, "
-                   "'off' = not at all (the ablation)")
+                   "'pixel' = into the map's decoder, 'image' = its peak into the image score only, 'off' = not at "
+                   "all (the ablation); 'auto' (default) = pixel, or image with --paste-types none")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--stages", default="defect", type=parse_stages,
                    help='what to train: "defect" (default), "1,2,3" (the language stages, on the defect model '

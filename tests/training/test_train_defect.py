@@ -128,3 +128,13 @@ def test_pasted_kinds_become_class_targets_when_asked(line, tmp_path) -> None:
     assert "cls" in parts and loss.isfinite()
     plain = Trainer(TrainConfig(preset="tiny", img_size=64, paste_types=kinds), open_dataset(line), tmp_path / "p")
     assert plain.class_names == []  # off by default: names learnt in a few minutes are not yet reliable
+
+
+def test_colour_reaches_the_decoder_only_where_named_kinds_are_pasted(line, tmp_path) -> None:
+    def chroma(**kw) -> str:
+        trainer = Trainer(TrainConfig(preset="tiny", img_size=64, **kw), open_dataset(line), tmp_path / "m")
+        return trainer.model.config.head.chroma
+
+    assert chroma() == "pixel"
+    assert chroma(paste_types=()) == "image"  # generic pastes alone taught the decoder colour = defect
+    assert chroma(paste_types=(), chroma="off") == "off"
