@@ -74,7 +74,10 @@ def test_a_head_with_colour_deviation_trains_and_runs(mode: str) -> None:
     fuse_in, stats_in = model.head.fuse8[0][0].weight.shape[1], model.head.image_out[0].weight.shape[1]
     plain_fuse_in, plain_stats_in = plain.head.fuse8[0][0].weight.shape[1], plain.head.image_out[0].weight.shape[1]
     assert (fuse_in - plain_fuse_in, stats_in - plain_stats_in) == ((3, 0) if mode == "pixel" else (0, 1))
-    assert model.head.image_out[0].weight.grad[:, -1].abs().sum() > 0  # the statistic reaches the score
+    if mode == "pixel":  # the colour channels come last in the decoder's input, and it learns from them
+        assert model.head.fuse8[0][0].weight.grad[:, -CHROMA_CHANNELS:].abs().sum() > 0
+    else:  # the colour statistic comes last among the image-level ones, and reaches the score
+        assert model.head.image_out[0].weight.grad[:, -1].abs().sum() > 0
     with torch.inference_mode():
         out = model.eval()(images, use_memory=False)
     assert out.anomaly_map.shape == (2, 1, 64, 64)
