@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from lineinspect.errors import LineInspectError
 from lineinspect.vision.crop_namer import CROP, MARGIN, MIN_SIDE, CropNamer, crop_boxes, crop_features
-from lineinspect.vision.heads import HeadConfig
+from lineinspect.vision.heads import NAMING_SHARES, DefectHead, HeadConfig, focus_region
 
 
 def test_box_is_a_square_around_the_region_with_a_margin() -> None:
@@ -105,3 +105,22 @@ def test_inference_averages_over_the_eight_orientations() -> None:
 def test_unknown_class_pooling_is_a_clear_error() -> None:
     with pytest.raises(LineInspectError, match="class_pooling 'signature'"):
         HeadConfig(class_pooling="signature")
+
+
+def test_naming_from_the_map_averages_the_tight_and_the_looser_region() -> None:
+    """A faint line whose map is strong on one segment only: the crop at half the peak frames that
+    segment, the looser one (NAMING_SHARES) the whole line, and the name averages both."""
+    torch.manual_seed(0)
+    head = DefectHead(HeadConfig(num_classes=4, stem_channels=(8, 8, 8), decoder_channels=8), 32, 1).eval()
+    images = torch.rand(1, 3, 64, 64)
+    prob = torch.zeros(1, 1, 64, 64)
+    prob[0, 0, 30:32, 8:56] = 0.4  # the line
+    prob[0, 0, 30:32, 10:18] = 1.0  # its strongest segment
+    regions = [focus_region(prob, share) for share in NAMING_SHARES]
+    assert NAMING_SHARES[0] == 0.5 and regions[0].sum() == 16 and regions[1].sum() == 96
+    with torch.no_grad():
+        named = head._name_from_map(images, prob)
+        each = [head.class_out(crop_features(images, r)).exp() for r in regions]
+    assert not torch.allclose(each[0], each[1], atol=1e-3)  # the two crops differ
+    assert torch.allclose(named.exp(), (each[0] + each[1]) / 2, atol=1e-5)
+    assert torch.allclose(named.exp().sum(1), torch.ones(1), atol=1e-5)
