@@ -114,7 +114,7 @@ def test_naming_from_the_map_averages_the_tight_and_the_looser_region() -> None:
     head = DefectHead(HeadConfig(num_classes=4, stem_channels=(8, 8, 8), decoder_channels=8), 32, 1).eval()
     images = torch.rand(1, 3, 64, 64)
     prob = torch.zeros(1, 1, 64, 64)
-    prob[0, 0, 30:32, 8:56] = 0.4  # the line
+    prob[0, 0, 30:32, 8:56] = 0.45  # the line
     prob[0, 0, 30:32, 10:18] = 1.0  # its strongest segment
     regions = [focus_region(prob, share) for share in NAMING_SHARES]
     assert NAMING_SHARES[0] == 0.5 and regions[0].sum() == 16 and regions[1].sum() == 96
