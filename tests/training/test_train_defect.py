@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from lineinspect.errors import LineInspectError
 from lineinspect.service.cli import main
 from lineinspect.training.datasets import open_dataset
 from lineinspect.training.evaluate import evaluate
@@ -138,3 +139,20 @@ def test_colour_reaches_the_decoder_only_where_named_kinds_are_pasted(line, tmp_
     assert chroma() == "pixel"
     assert chroma(paste_types=()) == "image"  # generic pastes alone taught the decoder colour = defect
     assert chroma(paste_types=(), chroma="off") == "off"
+
+
+def test_namer_seconds_come_out_of_the_time_budget(line, tmp_path) -> None:
+    def budgets(**kw) -> tuple[float, float]:
+        trainer = Trainer(TrainConfig(preset="tiny", img_size=64, time_budget=1000, name_pasted_kinds=True, **kw),
+                          open_dataset(line), tmp_path / "m")
+        trainer.load_data()
+        return trainer.namer_budget(), trainer.phase_budget("defect") + trainer.phase_budget("ssl") + trainer.load_seconds
+
+    namer, train = budgets()
+    assert namer == 250  # a quarter by default
+    longer, shorter_train = budgets(namer_seconds=400)
+    assert longer == 400 and shorter_train == pytest.approx(train - 150)
+    with pytest.raises(LineInspectError, match="part of the time budget"):
+        budgets(namer_seconds=1000)
+    with pytest.raises(LineInspectError, match="above 0"):
+        budgets(namer_seconds=0)
