@@ -146,7 +146,8 @@ def test_namer_seconds_come_out_of_the_time_budget(line, tmp_path) -> None:
         trainer = Trainer(TrainConfig(preset="tiny", img_size=64, time_budget=1000, name_pasted_kinds=True, **kw),
                           open_dataset(line), tmp_path / "m")
         trainer.load_data()
-        return trainer.namer_budget(), trainer.phase_budget("defect") + trainer.phase_budget("ssl") + trainer.load_seconds
+        training = trainer.phase_budget("defect") + trainer.phase_budget("ssl") + trainer.load_seconds
+        return trainer.namer_budget(), training
 
     namer, train = budgets()
     assert namer == 250  # a quarter by default
