@@ -102,6 +102,8 @@ class TrainConfig:
             raise LineInspectError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESET_DEFAULTS)}")
         if self.namer_regions not in ("auto", "model", "mask"):
             raise LineInspectError(f"namer_regions must be auto, model or mask, got {self.namer_regions!r}")
+        if self.namer_seconds is not None and not self.name_pasted_kinds:
+            raise LineInspectError("namer seconds are for the namer phase of --name-pasted-kinds; add it or drop them")
         if self.namer_seconds is not None and self.namer_seconds <= 0:
             raise LineInspectError(f"namer seconds must be above 0, got {self.namer_seconds:g}")
         if None not in (self.namer_seconds, self.time_budget) and self.namer_seconds >= self.time_budget:

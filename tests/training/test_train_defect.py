@@ -157,3 +157,6 @@ def test_namer_seconds_come_out_of_the_time_budget(line, tmp_path) -> None:
         budgets(namer_seconds=1000)
     with pytest.raises(LineInspectError, match="above 0"):
         budgets(namer_seconds=0)
+    with pytest.raises(LineInspectError, match="name-pasted-kinds"):
+        Trainer(TrainConfig(preset="tiny", img_size=64, time_budget=1000, namer_seconds=100), open_dataset(line),
+                tmp_path / "n")
