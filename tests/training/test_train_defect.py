@@ -8,13 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lineinspect.errors import LineInspectError
 from lineinspect.service.cli import main
 from lineinspect.training.datasets import open_dataset
 from lineinspect.training.evaluate import evaluate
 from lineinspect.training.synth import write_synthetic_dataset
-from lineinspect.training.train_defect import TrainConfig, Trainer
+from lineinspect.training.train_defect import TrainConfig, Trainer, focal_dice_loss, map_peak_loss
 from lineinspect.vision.model_io import load_inspector
 
 
@@ -160,3 +161,17 @@ def test_namer_seconds_come_out_of_the_time_budget(line, tmp_path) -> None:
     with pytest.raises(LineInspectError, match="name-pasted-kinds"):
         Trainer(TrainConfig(preset="tiny", img_size=64, time_budget=1000, namer_seconds=100), open_dataset(line),
                 tmp_path / "n")
+
+
+def test_map_peak_loss_weighs_a_good_parts_one_false_spot() -> None:
+    """The per-pixel loss barely notices one confident spot on a good part; the peak loss does."""
+    logits = torch.full((2, 1, 32, 32), -6.0)
+    logits[1, 0, 10:13, 10:13] = 6.0  # image 1: one 3x3 spot
+    good, defect = torch.zeros(2), torch.ones(2)
+    spot_on_good = map_peak_loss(logits, good, smoothing=3)
+    assert spot_on_good > 20 * map_peak_loss(logits[:1].expand(2, -1, -1, -1), good, smoothing=3)
+    pixel_share = focal_dice_loss(logits, torch.zeros_like(logits), torch.ones(2))
+    assert spot_on_good > 20 * pixel_share  # ~9 of 1,024 pixels wrong: the mean hides them
+    assert map_peak_loss(logits[1:].expand(2, -1, -1, -1), defect, smoothing=3) < 0.01  # the spot is the defect
+    with pytest.raises(LineInspectError, match="peak loss"):
+        TrainConfig(peak_loss=-1).resolved()
