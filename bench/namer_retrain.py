@@ -5,7 +5,8 @@ model stays fixed, so namer settings can be compared without the spread of whole
     python bench/namer_retrain.py MODEL_DIR TRAIN_DATA TEST_DATA SECONDS [name=value ...]
 
 `name=value` overrides a module setting for the run: `BATCH=64`, `LR=0.004` (training.namer_phase),
-`crop.SAMPLING=0`, `crop.MARGIN=0.6` (vision.crop_namer); `seed=1` the run's seed; `save=DIR` writes the
+`crop.SAMPLING=0`, `crop.MARGIN=0.6` (vision.crop_namer); `seed=1` the run's seed; `regions=model` or
+`regions=mask` where the namer's training crops are cut (`train --namer-regions`); `save=DIR` writes the
 model with its new namer there (a model directory, e.g. to train the language stages on). The last stdout
 line is one JSON object.
 """
@@ -42,10 +43,12 @@ def main() -> None:
     if len(sys.argv) < 5:
         raise SystemExit(__doc__)
     model_dir, train_data, test_data, seconds, *settings = sys.argv[1:]
-    seed, save = 0, None
+    seed, save, regions = 0, None, "auto"
     for setting in settings:
         if setting.startswith("seed="):
             seed = int(setting.removeprefix("seed="))
+        elif setting.startswith("regions="):
+            regions = setting.removeprefix("regions=")
         elif setting.startswith("save="):
             save = setting.removeprefix("save=")
         else:
@@ -54,7 +57,8 @@ def main() -> None:
     model, cal, _ = load_model_dir(model_dir)
     preset = model.config.encoder.preset
     budget = float(seconds) / NAMER_SHARE  # the namer phase gets NAMER_SHARE of a training's budget
-    trainer = Trainer(TrainConfig(preset=preset, name_pasted_kinds=True, time_budget=budget, seed=seed),
+    trainer = Trainer(TrainConfig(preset=preset, name_pasted_kinds=True, time_budget=budget, seed=seed,
+                                  namer_regions=regions),
                       open_dataset(train_data), tempfile.mkdtemp())
     trainer.load_data()
     model.head.class_out = crop_namer.CropNamer(len(cal.class_names))

@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "of it); the namer is step-bound on a CPU: s14 named two held-out lines 0.943 / 0.920 right with "
                    "300 s, 0.954 / 0.966 with 600 s")
     p.add_argument("--peak-loss", type=float, default=None, metavar="WEIGHT",
-                   help="weight of the loss on the smoothed map's peak (the map score) against the image label; 0 = off")
+                   help="weight of the loss on the smoothed map's peak (the map score) on good images: their strongest "
+                   "false spot; 0 = off")
     p.add_argument("--namer-regions", choices=("auto", "model", "mask"), default="auto",
                    help="with --name-pasted-kinds: cut the namer's training crops where the trained model's map "
                         "finds each pasted defect (model), or around its jittered mask (mask); auto: model on GPUs, "
