@@ -92,6 +92,7 @@ class TrainConfig:
     # s14, 20 CPU min: the namer's 300 s named 0.943 / 0.920 of two held-out lines from the map's crops;
     # the same main model with a 600 s namer 0.954 / 0.966 (bench/namer_retrain.py)
     namer_seconds: float | None = None
+    # share of the good training images held out to choose the score source and the threshold
     val_fraction: float = 0.1
     target_frr: float | None = None  # choose the threshold for this false-reject rate instead of best F1
     memory_bank_size: int | None = None
@@ -107,6 +108,8 @@ class TrainConfig:
             raise LineInspectError(f"namer_regions must be auto, model or mask, got {self.namer_regions!r}")
         if self.namer_seconds is not None and not self.name_pasted_kinds:
             raise LineInspectError("namer seconds are for the namer phase of --name-pasted-kinds; add it or drop them")
+        if not 0 <= self.val_fraction <= 0.5:
+            raise LineInspectError(f"validation fraction must be between 0 and 0.5, got {self.val_fraction:g}")
         if self.peak_loss < 0:
             raise LineInspectError(f"peak loss weight must be >= 0, got {self.peak_loss:g}")
         if self.namer_seconds is not None and self.namer_seconds <= 0:

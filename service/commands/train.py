@@ -27,6 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "all (default), none, or a comma list of scratch, crack, hole, stain, missing, dent, contamination")
     p.add_argument("--ssl-fraction", type=float, default=None,
                    help="share of the training for masked patch reconstruction (default per preset)")
+    p.add_argument("--val-fraction", type=float, default=0.1, metavar="SHARE",
+                   help="share of the good training images held out to choose the score source and threshold "
+                   "(default 0.1, at most 0.5): the threshold is set on these good parts, so a line with few of "
+                   "them gets a rough false-reject rate; more of them estimate it better and leave fewer to train on")
     p.add_argument("--target-frr", type=float, default=None,
                    help="pick the threshold for this false-reject rate on good validation images (e.g. 0.01)")
     p.add_argument("--pretrained", type=Path, default=None,
@@ -126,7 +130,7 @@ def train_defect(args: argparse.Namespace, dataset) -> None:
         pretrained=str(args.pretrained) if args.pretrained else None, pretrained_act=args.pretrained_act,
         precision=args.precision, name_pasted_kinds=args.name_pasted_kinds, bandpass=args.bandpass,
         ridges=args.ridges, chroma=args.chroma, namer_regions=args.namer_regions,
-        namer_seconds=args.namer_seconds,
+        namer_seconds=args.namer_seconds, val_fraction=args.val_fraction,
         **({} if args.peak_loss is None else {"peak_loss": args.peak_loss}),
     )
     Trainer(config, dataset, args.out, resume=args.resume).run()

@@ -111,6 +111,10 @@ def test_bad_inputs_exit_2_with_one_clear_line(trained, line, tmp_path) -> None:
     assert r.returncode == 2 and "a.png" in r.stderr
     assert not (tmp_path / "never2").exists()
 
+    r = run_cli("train", "--data", str(line), "--out", str(tmp_path / "never3"), "--val-fraction", "0.8")
+    assert r.returncode == 2 and "validation fraction" in r.stderr and "0.8" in r.stderr
+    assert not (tmp_path / "never3").exists()
+
 
 def test_pasted_kinds_become_class_targets_when_asked(line, tmp_path) -> None:
     """With name_pasted_kinds, a line without class labels learns to name the pasted kinds: every
@@ -175,3 +179,13 @@ def test_map_peak_loss_weighs_a_good_parts_one_false_spot() -> None:
     assert map_peak_loss(logits[1:].expand(2, -1, -1, -1), defect, smoothing=3) == 0  # defects: the pixel loss's
     with pytest.raises(LineInspectError, match="peak loss"):
         TrainConfig(peak_loss=-1).resolved()
+
+
+def test_val_fraction_sets_how_many_good_images_choose_the_threshold(line, tmp_path) -> None:
+    held_out = []
+    for fraction in (0.1, 0.25):
+        trainer = Trainer(TrainConfig(preset="tiny", img_size=64, val_fraction=fraction), open_dataset(line),
+                          tmp_path / str(fraction))
+        trainer.load_data()
+        held_out.append(len(trainer.val_cache))
+    assert held_out == [5, 12]  # of the line's 48 good training images
