@@ -35,6 +35,7 @@ from lineinspect.vision.encoder import preset
 from lineinspect.vision.heads import HeadConfig
 from lineinspect.vision.inspector import Calibration, Inspector
 from lineinspect.vision.preprocess import frames_into, resize_mode, resize_weights, to_batch
+from lineinspect.vision.ridges import ridge_features, ridge_kernels
 
 SIZE = 64
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -306,3 +307,13 @@ def test_pixel_branch_beside_the_encoder_changes_nothing_on_gpu() -> None:
         if a is not None:
             assert torch.allclose(a, b, atol=1e-5)
     assert copy.deepcopy(model)._side is None  # copies leave the stream behind
+
+
+@needs_cuda
+def test_gpu_line_filters_match_the_cpu() -> None:
+    """On a GPU the line filters run through FFTs (speed); same values as the CPU's direct convolution."""
+    torch.manual_seed(0)
+    images, kernels = torch.rand(2, 3, SIZE, SIZE), ridge_kernels()
+    on_gpu = ridge_features(images.cuda(), kernels.cuda()).cpu()
+    assert torch.allclose(on_gpu, ridge_features(images, kernels), atol=1e-4)
+

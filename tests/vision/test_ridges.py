@@ -6,11 +6,12 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from lineinspect.vision.defect_model import DefectModel, DefectModelConfig
 from lineinspect.vision.encoder import preset
 from lineinspect.vision.heads import HeadConfig
-from lineinspect.vision.ridges import RIDGE_CHANNELS, ridge_features, ridge_kernels, ridge_peaks
+from lineinspect.vision.ridges import RIDGE_CHANNELS, correlate_fft, ridge_features, ridge_kernels, ridge_peaks
 
 
 def _brushed(size: int = 128, scratch: bool = False, seed: int = 0) -> torch.Tensor:
@@ -45,6 +46,16 @@ def test_responses_ignore_exposure() -> None:
     img = _brushed(scratch=True)
     kernels = ridge_kernels()
     assert torch.allclose(ridge_features(img, kernels), ridge_features(img * 2.5 - 0.7, kernels), atol=1e-3)
+
+
+def test_fourier_correlation_equals_the_direct_convolution() -> None:
+    torch.manual_seed(0)
+    kernels = ridge_kernels()
+    for h, w in ((78, 78), (45, 61)):  # odd and uneven sizes: the valid region must line up exactly
+        x = torch.rand(3, 1, h, w)
+        direct = F.conv2d(x, kernels)
+        assert correlate_fft(x, kernels).shape == direct.shape
+        assert torch.allclose(correlate_fft(x, kernels), direct, atol=1e-5)
 
 
 def test_head_with_and_without_ridges_and_old_configs_load_without() -> None:
