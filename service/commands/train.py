@@ -47,9 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="with --name-pasted-kinds: seconds of --time-budget for the namer phase (default: a quarter "
                    "of it); the namer is step-bound on a CPU: s14 named two held-out lines 0.943 / 0.920 right with "
                    "300 s, 0.954 / 0.966 with 600 s")
-    p.add_argument("--peak-loss", type=float, default=None, metavar="WEIGHT",
+    p.add_argument("--peak-loss", type=float, default=0.0, metavar="WEIGHT",
                    help="weight of the loss on the smoothed map's peak (the map score) on good images: their strongest "
-                   "false spot; 0 = off")
+                   "false spot (default 0 = off; measured on two held-out lines in bench/RESULTS.md, session 16)")
     p.add_argument("--namer-regions", choices=("auto", "model", "mask"), default="auto",
                    help="with --name-pasted-kinds: cut the namer's training crops where the trained model's map "
                         "finds each pasted defect (model), or around its jittered mask (mask); auto: model on GPUs, "
@@ -130,7 +130,6 @@ def train_defect(args: argparse.Namespace, dataset) -> None:
         pretrained=str(args.pretrained) if args.pretrained else None, pretrained_act=args.pretrained_act,
         precision=args.precision, name_pasted_kinds=args.name_pasted_kinds, bandpass=args.bandpass,
         ridges=args.ridges, chroma=args.chroma, namer_regions=args.namer_regions,
-        namer_seconds=args.namer_seconds, val_fraction=args.val_fraction,
-        **({} if args.peak_loss is None else {"peak_loss": args.peak_loss}),
+        namer_seconds=args.namer_seconds, val_fraction=args.val_fraction, peak_loss=args.peak_loss,
     )
     Trainer(config, dataset, args.out, resume=args.resume).run()

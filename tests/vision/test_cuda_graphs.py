@@ -316,4 +316,3 @@ def test_gpu_line_filters_match_the_cpu() -> None:
     images, kernels = torch.rand(2, 3, SIZE, SIZE), ridge_kernels()
     on_gpu = ridge_features(images.cuda(), kernels.cuda()).cpu()
     assert torch.allclose(on_gpu, ridge_features(images, kernels), atol=1e-4)
-
