@@ -80,13 +80,14 @@ class Plan:
     new_tokens: int
     prompt_len: int
     memory_bank: int  # patches in the DefectModel's memory bank
+    classes: int  # defect kinds the head names (0: none; a named synthetic line has 7, so its crop namer runs)
     warmup: int
     iters: int  # timed calls at most ...
     budget_s: float  # ... and at least 3, stopping once this many seconds are spent
 
 
-FULL = Plan("l14", "l14", 64, (1, 32, 64), (64, 4096), (1, 32), 64, 16, 2048, warmup=5, iters=50, budget_s=3.0)
-QUICK = Plan("tiny", "tiny", 8, (1, 8), (64, 256), (1, 4), 8, 8, 128, warmup=1, iters=5, budget_s=0.3)
+FULL = Plan("l14", "l14", 64, (1, 32, 64), (64, 4096), (1, 32), 64, 16, 2048, 0, warmup=5, iters=50, budget_s=3.0)
+QUICK = Plan("tiny", "tiny", 8, (1, 8), (64, 256), (1, 4), 8, 8, 128, 0, warmup=1, iters=5, budget_s=0.3)
 
 
 # --------------------------------------------------------------------------- recording
@@ -235,7 +236,8 @@ def free_memory() -> None:
 
 def build_defect_model(plan: Plan, device: torch.device) -> DefectModel:
     """A randomly initialised DefectModel (fp32), created directly on the device."""
-    config = DefectModelConfig(encoder_preset(plan.encoder), HeadConfig(), memory_bank_size=plan.memory_bank)
+    config = DefectModelConfig(encoder_preset(plan.encoder), HeadConfig(num_classes=plan.classes),
+                               memory_bank_size=plan.memory_bank)
     torch.manual_seed(0)
     with device:
         return DefectModel(config).eval()
@@ -345,12 +347,15 @@ def inspector_section(rec: Recorder, plan: Plan, device: torch.device) -> None:
     encoder preset (random weights, default calibration)."""
     model = build_defect_model(plan, device)
     tag = f"{plan.encoder} {model.config.encoder.img_size}px, 640x480 RGB"
+    if plan.classes:
+        tag += f", naming {plan.classes} kinds"
     frames = camera_frames(8)
-    eager = Inspector(model, Calibration(), device, cuda_graphs=False)
+    cal = Calibration(class_names=tuple(f"kind_{i}" for i in range(plan.classes)))
+    eager = Inspector(model, cal, device, cuda_graphs=False)
     graphs = None
     if device.type == "cuda":
         started = time.perf_counter()
-        graphs = rec.attempt(f"Inspector {tag} CUDA graph capture", Inspector, model, Calibration(), device)
+        graphs = rec.attempt(f"Inspector {tag} CUDA graph capture", Inspector, model, cal, device)
         if graphs is not None:
             seconds = time.perf_counter() - started
             rec.write({"name": f"Inspector {tag} CUDA graph capture", "capture_s": seconds,
@@ -689,6 +694,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=default_out(), help="JSON-lines file, appended to")
     parser.add_argument("--gen-batches", type=int, nargs="+", default=None, metavar="B",
                         help="batch sizes for the generation section (default: the plan's)")
+    parser.add_argument("--classes", type=int, default=0, metavar="K",
+                        help="defect kinds the head names (default 0; 7 runs a named line's crop namer)")
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--only-vision", action="store_true", help="run section 1 alone (encoder, DefectModel)")
     only.add_argument("--only-generation", action="store_true", help="run section 5 alone")
@@ -701,6 +708,7 @@ def main(argv: list[str] | None = None) -> None:
     plan = QUICK if args.quick else FULL
     if args.gen_batches:
         plan = dataclasses.replace(plan, gen_batches=tuple(args.gen_batches))
+    plan = dataclasses.replace(plan, classes=args.classes)
     rec = Recorder(args.out, device)
     rec.write(environment(device, args.quick))
     started = time.perf_counter()

@@ -3,7 +3,7 @@
 For each batch size: the upload and resize into the graph's input (`frames_into`), the graph
 replay alone, the runner's whole call (upload, replay, one copy of the rows to the host), and
 `inspect_batch` (that plus verdicts and boxes on the host); medians over repeated calls, each
-synchronised. Then the GPU kernels of one runner call at the largest batch (torch.profiler).
+synchronised. Then the GPU kernels of one runner call at the smallest and the largest batch (torch.profiler).
 
     python bench/inspector_stages.py --preset l14 --device cuda --batches 1 16 64 --out stages.json
 """
@@ -45,10 +45,12 @@ def kernels(fn: Callable[[], object], top: int = 12) -> dict:
         fn()
         torch.cuda.synchronize()
     busy: dict[str, float] = {}
+    count = 0
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             busy[e.name[:90]] = busy.get(e.name[:90], 0.0) + e.time_range.elapsed_us()
-    return {"gpu_busy_us": sum(busy.values()),
+            count += 1
+    return {"gpu_ops": count, "gpu_busy_us": sum(busy.values()),
             "top_us": dict(sorted(((k, round(v, 1)) for k, v in busy.items()), key=lambda kv: -kv[1])[:top])}
 
 
@@ -66,18 +68,19 @@ def stage_times(inspector: Inspector, batch: list[np.ndarray], bucket: Any, devi
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="l14")
+    ap.add_argument("--classes", type=int, default=0, metavar="K", help="defect kinds the head names (7: a named line)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     device = torch.device(args.device)
-    inspector = untrained_inspector(args.preset, args.device)
+    inspector = untrained_inspector(args.preset, args.device, num_classes=args.classes)
     runner = inspector.graphs
     if runner is None:
         raise SystemExit("inspector_stages.py measures the CUDA-graph path: run it with --device cuda on a GPU")
     frames = render_frames(16, 0)
-    results: dict = {"preset": args.preset, "cal": inspector.calibration.to_dict()}
+    results: dict = {"preset": args.preset, "classes": args.classes, "cal": inspector.calibration.to_dict()}
     for b in args.batches:
         batch = [frames[i % len(frames)] for i in range(b)]
         bucket = runner._buckets[bucket_for(b, runner.buckets)]
@@ -85,9 +88,10 @@ def main() -> None:
         row["inspect_fps"] = b * 1000 / row["inspect_batch"]["p50_ms"]
         results[f"b{b}"] = row
         print(b, {k: (round(v["p50_ms"], 2) if isinstance(v, dict) else round(v)) for k, v in row.items()}, flush=True)
-    big = [frames[i % len(frames)] for i in range(max(args.batches))]
-    results["kernels_runner_run"] = kernels(lambda: runner.run(big))
-    print(json.dumps(results["kernels_runner_run"], indent=1))
+    for b in sorted({min(args.batches), max(args.batches)}):  # the GPU work of one runner call
+        batch = [frames[i % len(frames)] for i in range(b)]
+        results[f"kernels_runner_run_b{b}"] = kernels(lambda batch=batch: runner.run(batch))
+        print(b, json.dumps(results[f"kernels_runner_run_b{b}"], indent=1), flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 

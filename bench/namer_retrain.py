@@ -6,7 +6,8 @@ model stays fixed, so namer settings can be compared without the spread of whole
 
 `name=value` overrides a module setting for the run: `BATCH=64`, `LR=0.004` (training.namer_phase),
 `crop.SAMPLING=0`, `crop.MARGIN=0.6` (vision.crop_namer); `seed=1` the run's seed; `regions=model` or
-`regions=mask` where the namer's training crops are cut (`train --namer-regions`); `save=DIR` writes the
+`regions=mask` where the namer's training crops are cut (`train --namer-regions`); `width=32` the namer's
+base width (CropNamer, 16 by default; a saved model keeps the default only); `save=DIR` writes the
 model with its new namer there (a model directory, e.g. to train the language stages on). The last stdout
 line is one JSON object.
 """
@@ -43,12 +44,14 @@ def main() -> None:
     if len(sys.argv) < 5:
         raise SystemExit(__doc__)
     model_dir, train_data, test_data, seconds, *settings = sys.argv[1:]
-    seed, save, regions = 0, None, "auto"
+    seed, save, regions, width = 0, None, "auto", 16
     for setting in settings:
         if setting.startswith("seed="):
             seed = int(setting.removeprefix("seed="))
         elif setting.startswith("regions="):
             regions = setting.removeprefix("regions=")
+        elif setting.startswith("width="):
+            width = int(setting.removeprefix("width="))
         elif setting.startswith("save="):
             save = setting.removeprefix("save=")
         else:
@@ -61,7 +64,7 @@ def main() -> None:
                                   namer_regions=regions),
                       open_dataset(train_data), tempfile.mkdtemp())
     trainer.load_data()
-    model.head.class_out = crop_namer.CropNamer(len(cal.class_names))
+    model.head.class_out = crop_namer.CropNamer(len(cal.class_names), width=width)
     trainer.model = model
     start = time.monotonic()
     notes = trainer.fit_namer()

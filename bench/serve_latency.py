@@ -96,7 +96,7 @@ def build_inspector(args: argparse.Namespace) -> Inspector:
     with single_threaded():
         if args.model is not None:
             return load_inspector(args.model, args.device, cuda_graphs=args.cuda_graphs, precision=args.precision)
-        return untrained_inspector(args.preset, args.device, cuda_graphs=args.cuda_graphs)
+        return untrained_inspector(args.preset, args.device, num_classes=args.classes, cuda_graphs=args.cuda_graphs)
 
 
 # ------------------------------------------------------------------------------ statistics
@@ -413,6 +413,8 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="tiny", help="untrained model of this preset when no --model (default tiny)")
     ap.add_argument("--model", type=Path, help="model directory to serve instead of an untrained preset")
+    ap.add_argument("--classes", type=int, default=0, metavar="K",
+                    help="defect kinds the untrained preset names (default 0; 7 runs a named line's crop namer)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                     help="with --model: inference precision (auto: bf16 where the device computes it natively)")
@@ -444,6 +446,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.classes and args.replicas > 1 and args.model is None:
+        raise SystemExit("--classes names kinds in this process's untrained model only; "
+                         "replicas serve `--untrained PRESET` without them: use --model for replicas")
     inspector = build_inspector(args)
     with single_threaded():
         frames = render_frames(args.distinct_frames, args.seed)
@@ -452,7 +457,7 @@ def main() -> None:
                           max_batch=args.max_batch, max_delay_ms=args.max_delay_ms, grace_s=2.0,
                           decode_workers=args.decode_workers, jpeg_decode=args.jpeg_decode)
     results: dict[str, Any] = {
-        "setup": {"preset": inspector.preset, "model": str(args.model) if args.model else None,
+        "setup": {"preset": inspector.preset, "model": str(args.model) if args.model else None, "classes": args.classes,
                   "device": args.device, "frame": f"{WIDTH}x{HEIGHT} JPEG q{args.jpeg_quality}",
                   "jpeg_kib_mean": float(np.mean([len(j) for j in jpegs]) / 1024), "frames": args.frames,
                   "warmup": args.warmup, "min_batch": config.min_batch, "max_batch": config.max_batch,

@@ -71,8 +71,10 @@ def crop_boxes(region: torch.Tensor, jitter: torch.Generator | None = None) -> t
 def crop_features(images: torch.Tensor, region: torch.Tensor, jitter: torch.Generator | None = None) -> torch.Tensor:
     """images (B,3,S,S), region (B,1,S,S) -> (B, 3*CROP*CROP + 1): the crop of the image around
     the region, flattened, then the log of the box side (share of S). What the namer reads, packed in one
-    tensor so that it can be trained on stored examples."""
+    tensor so that it can be trained on stored examples. Regions (n*B,1,S,S), n per image in turn
+    (``heads.focus_region`` at several shares), give n*B crops."""
     boxes, side = crop_boxes(region.detach().float(), jitter)
+    boxes[:, 0] = boxes[:, 0].remainder(len(images))
     crops = roi_align(images.detach().float(), boxes, (CROP, CROP), spatial_scale=1.0, sampling_ratio=2, aligned=True)
     return torch.cat([crops.flatten(1), side.log()[:, None]], 1)
 

@@ -124,3 +124,20 @@ def test_naming_from_the_map_averages_the_tight_and_the_looser_region() -> None:
     assert not torch.allclose(each[0], each[1], atol=1e-3)  # the two crops differ
     assert torch.allclose(named.exp(), (each[0] + each[1]) / 2, atol=1e-5)
     assert torch.allclose(named.exp().sum(1), torch.ones(1), atol=1e-5)
+
+
+def test_regions_at_several_shares_grow_and_crop_as_one_batch() -> None:
+    """focus_region at several shares in one pass equals one call per share, stacked share by share,
+    and crop_features cuts each of those regions from its own image (3 images, 2 shares)."""
+    torch.manual_seed(1)
+    images = torch.rand(3, 3, 64, 64)
+    prob = torch.rand(3, 1, 64, 64) * 0.3
+    prob[0, 0, 5:9, 5:40] = 0.9
+    prob[1, 0, 40:60, 40:44] = 0.6
+    prob[2, 0, 20:30, 20:30] = 1.0
+    together = focus_region(prob, NAMING_SHARES)
+    apart = torch.cat([focus_region(prob, share) for share in NAMING_SHARES])
+    assert together.shape == (6, 1, 64, 64) and torch.equal(together, apart)
+    crops = crop_features(images, together)
+    for k, share in enumerate(NAMING_SHARES):
+        assert torch.equal(crops[3 * k : 3 * k + 3], crop_features(images, focus_region(prob, share)))
