@@ -12,8 +12,10 @@ source "$(dirname "$0")/gpu_setup.sh"
 OLD=${OLD:-runs/ab_old}
 K=${CLASSES:-7}
 swapped=$(cd "$OLD" && find . -type f -name '*.py' | sed 's|^\./||')
-inspector() {  # label: gpu.py --only-inspector into $OUT/inspector_<label>.{jsonl,txt}
-  timeout 150 python3 bench/gpu.py --only-inspector --classes "$K" --out "$OUT/inspector_$1.jsonl" > "$OUT/inspector_$1.txt" 2>&1
+# At most 8 files come back from $OUT: tables and test output go to the log, raw rows to one file per run.
+inspector() {  # label: gpu.py --only-inspector into $OUT/inspector_<label>.jsonl, its table rows into the log
+  timeout 150 python3 bench/gpu.py --only-inspector --classes "$K" --out "$OUT/inspector_$1.jsonl" > "/tmp/inspector_$1.txt" 2>&1
+  grep "CUDA graphs b" "/tmp/inspector_$1.txt" | cut -c1-140 >> "$OUT/log.txt"
   log "inspector $1 done"
 }
 if [ -n "${KERNELS:-}" ]; then
@@ -23,8 +25,9 @@ fi
 inspector new
 if [ -n "${STAGES:-}" ]; then  # where batches of 1 and 64 spend their time, and their kernels
   timeout 120 python3 bench/inspector_stages.py --preset l14 --classes "$K" --batches 1 64 --out "$OUT/stages.json" \
-    > "$OUT/stages.txt" 2>&1
-  log stages done; cat "$OUT/stages.txt"
+    > /tmp/stages.txt 2>&1
+  grep -v Warning /tmp/stages.txt >> "$OUT/log.txt"
+  log stages done
 fi
 mkdir -p /tmp/ab_new
 for f in $swapped; do mkdir -p "/tmp/ab_new/$(dirname "$f")"; cp "$f" "/tmp/ab_new/$f"; cp "$OLD/$f" "$f"; done
@@ -40,9 +43,9 @@ if [ -n "${SERVE:-}" ]; then  # l14 over gRPC, naming K kinds and unnamed
   done
 fi
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/vision/test_cuda_graphs.py tests/vision/test_ridges.py \
-  tests/vision/test_crop_namer.py > "$OUT/gpu_tests.txt" 2>&1; tail -3 "$OUT/gpu_tests.txt" >> "$OUT/log.txt"
+  tests/vision/test_crop_namer.py > /tmp/gpu_tests.txt 2>&1; tail -3 /tmp/gpu_tests.txt >> "$OUT/log.txt"
 log tests done
 if [ -n "${MOE:-}" ]; then
-  timeout 90 python3 bench/gpu.py --only-moe --out "$OUT/moe.jsonl" > "$OUT/moe.txt" 2>&1
+  timeout 90 python3 bench/gpu.py --only-moe --out "$OUT/moe.jsonl" > /tmp/moe.txt 2>&1
   log moe done
 fi
