@@ -43,7 +43,7 @@ if [ -n "${SERVE:-}" ]; then  # l14 over gRPC, naming K kinds and unnamed
   done
 fi
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/vision/test_cuda_graphs.py tests/vision/test_ridges.py \
-  tests/vision/test_crop_namer.py > /tmp/gpu_tests.txt 2>&1; tail -3 /tmp/gpu_tests.txt >> "$OUT/log.txt"
+  tests/vision/test_crop_namer.py tests/vision/test_upsampling.py tests/vision/test_bandpass.py > /tmp/gpu_tests.txt 2>&1; tail -3 /tmp/gpu_tests.txt >> "$OUT/log.txt"
 log tests done
 if [ -n "${MOE:-}" ]; then
   timeout 90 python3 bench/gpu.py --only-moe --out "$OUT/moe.jsonl" > /tmp/moe.txt 2>&1

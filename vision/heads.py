@@ -33,6 +33,7 @@ from lineinspect.vision.crop_namer import CropNamer, crop_features
 from lineinspect.vision.preprocess import MEAN, STD
 from lineinspect.vision.ridges import RIDGE_CHANNELS, Ridges, ridge_peaks
 from lineinspect.vision.self_similarity import self_similarity_map
+from lineinspect.vision.upsampling import upsample_bilinear
 
 CLASS_POOLINGS = ("crop", "mask", "mean")
 # At inference the crop namer names the defect from crops around the map's focus region at these shares
@@ -307,7 +308,7 @@ class DefectHead(nn.Module):
         f2, f4, f8, novelty, bands, band_novelty, line_peaks, chroma = (
             pixel if pixel is not None else self.pixel_branch(images))
         v = self.vit_proj(torch.cat(vit_features, dim=1))  # (B, d, h, w)
-        at8 = [F.interpolate(v, size=f8.shape[-2:], mode="bilinear"), f8]
+        at8 = [upsample_bilinear(v, f8.shape[-2:]), f8]
         if novelty is not None:
             at8.append(novelty.log().to(f8.dtype))
         if bands is not None:
@@ -317,10 +318,10 @@ class DefectHead(nn.Module):
         if chroma is not None and self.config.chroma == "pixel":
             at8.append(chroma.to(f8.dtype))
         x8 = self.fuse8(torch.cat(at8, 1))
-        x = self.fuse4(torch.cat([F.interpolate(x8, size=f4.shape[-2:], mode="bilinear"), f4], 1))
-        x = F.interpolate(self.squeeze2(x), size=f2.shape[-2:], mode="bilinear")
+        x = self.fuse4(torch.cat([upsample_bilinear(x8, f4.shape[-2:]), f4], 1))
+        x = upsample_bilinear(self.squeeze2(x), f2.shape[-2:])
         x = self.fuse2(torch.cat([x, f2], 1))
-        mask_logits = F.interpolate(self.mask_out(x), size=images.shape[-2:], mode="bilinear")
+        mask_logits = upsample_bilinear(self.mask_out(x), images.shape[-2:])
         # Image-level evidence: pooled semantics plus the peak and mean of the map itself.
         pooled = torch.cat([cls, v.mean((2, 3)), f8.mean((2, 3))], 1)  # (B, C + d + c3)
         peak = F.max_pool2d(mask_logits, 8).flatten(1)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from lineinspect.vision.bandpass import BANDPASS_CHANNELS, bandpass_features
+from lineinspect.vision.bandpass import BANDPASS_CHANNELS, bandpass_features, binomial_kernel, blur_matrix
 from lineinspect.vision.defect_model import DefectModel, DefectModelConfig
 from lineinspect.vision.encoder import preset
 from lineinspect.vision.heads import HeadConfig
@@ -57,3 +58,17 @@ def test_the_kernel_moves_with_the_model_but_is_not_saved() -> None:
     model = DefectModel(DefectModelConfig(preset("tiny", img_size=64), HeadConfig(num_classes=0), memory_bank_size=8))
     assert not any("bandpass" in k for k in model.state_dict())  # model directories stay as they were
     assert model.to(torch.float64).head.bandpass.kernel.dtype == torch.float64
+
+
+def test_blur_matrices_equal_the_padded_convolution() -> None:
+    """The banded matrices (the CUDA path) blur as the padded 5-tap convolutions do, with
+    reflected edges and, below 3 px, replicated ones."""
+    kernel = binomial_kernel()
+    for h, w in ((56, 56), (7, 9), (2, 2), (3, 5)):
+        x = torch.randn(2, 1, h, w)
+        reflect = min(h, w) > 2
+        padded = F.pad(x, (2, 2, 2, 2), mode="reflect" if reflect else "replicate")
+        direct = F.conv2d(F.conv2d(padded, kernel.view(1, 1, 1, 5)), kernel.view(1, 1, 5, 1))
+        device = torch.device("cpu")
+        by_matrices = blur_matrix(h, reflect, device) @ x @ blur_matrix(w, reflect, device).T
+        assert torch.allclose(by_matrices, direct, atol=1e-6)
