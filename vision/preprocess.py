@@ -86,10 +86,12 @@ def resize_weights(n_in: int, n_out: int, mode: str) -> np.ndarray:
 
 
 @lru_cache(maxsize=64)
-def _resize_matrix(n_in: int, n_out: int, mode: str, gain: float, device: torch.device) -> torch.Tensor:
-    """resize_weights * gain as a float32 tensor on `device`, made once per shape."""
+def resize_matrix(n_in: int, n_out: int, mode: str, gain: float, device: torch.device,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """resize_weights * gain as a `dtype` tensor on `device`, made once per shape (also serves
+    `vision.upsampling`: "linear" is bilinear resizing with half-pixel centres, as F.interpolate's)."""
     with torch.inference_mode(False):  # cached: it must serve calls outside inference mode too
-        return torch.from_numpy(resize_weights(n_in, n_out, mode) * gain).to(device, torch.float32)
+        return torch.from_numpy(resize_weights(n_in, n_out, mode) * gain).to(device, dtype)
 
 
 def frames_into(images: list[Frame], out: torch.Tensor) -> None:
@@ -118,8 +120,8 @@ def frames_into(images: list[Frame], out: torch.Tensor) -> None:
             x = x.div_(255.0)
         else:
             mode = resize_mode(h, w, size)
-            rows_matrix = _resize_matrix(h, size, mode, 1 / 255, out.device)  # (S, h), also scales to [0, 1]
-            cols_matrix = _resize_matrix(w, size, mode, 1.0, out.device)  # (S, w)
+            rows_matrix = resize_matrix(h, size, mode, 1 / 255, out.device)  # (S, h), also scales to [0, 1]
+            cols_matrix = resize_matrix(w, size, mode, 1.0, out.device)  # (S, w)
             x = rows_matrix @ (x @ cols_matrix.T)
         if rows[-1] - rows[0] + 1 == len(rows):  # one size per batch, the usual case
             out[rows[0] : rows[-1] + 1] = x
