@@ -371,7 +371,7 @@ class EvalAccumulator:
         if not imgs:
             return out
         scores = np.array([im.score for im in imgs])
-        labels = np.array([im.label for im in imgs])
+        labels = np.array([im.label for im in imgs], dtype=bool)
         n_def = int(labels.sum())
         if 0 < n_def < len(imgs):
             out["image_auroc"] = image_auroc(scores, labels)
@@ -388,6 +388,10 @@ class EvalAccumulator:
                 out["threshold"], out["f1"] = f1_optimal_threshold(scores, labels)
             else:
                 out["threshold"], out["f1"] = float(self.threshold), f1_at(scores, labels, self.threshold)
+            flagged = scores >= out["threshold"]
+            out["defects_missed"] = int((~flagged & labels).sum())  # of n_def, passed as good
+            if n_def < len(imgs):
+                out["goods_flagged"] = int((flagged & ~labels).sum())  # of the good parts, rejected
 
         known = [im for im in imgs if im.label and im.class_true is not None and im.class_pred is not None]
         if known:

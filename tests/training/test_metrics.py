@@ -230,6 +230,9 @@ def test_accumulator_summary_by_hand() -> None:
         # thresholds 0.1 -> F1 2/3; 0.35 -> P 2/3 R 1 -> 4/5; 0.4 -> 1/2; 0.8 -> 2/3.
         "threshold": 0.35,
         "f1": 0.8,
+        # at 0.35 the good part at 0.4 is rejected and no defect passes
+        "goods_flagged": 1,
+        "defects_missed": 0,
         "class_accuracy": 0.5,
         # scratch gt found (IoU 0.9), dent gt missed -> 1/2.
         "box_recall_iou03": 0.5,
@@ -246,6 +249,9 @@ def test_accumulator_leaves_out_what_cannot_be_computed() -> None:
     assert acc.summary() == {"n_images": 2}  # no defect: no AUROC, F1, pixel or box metrics
     acc.add(0.6, True)
     # 0.6 beats 0.2, loses to 0.7 -> AUROC 1/2; at 0.5: 0.7 FP, 0.6 TP -> P 1/2, R 1 -> F1 2/3.
-    assert acc.summary() == pytest.approx({"n_images": 3, "image_auroc": 0.5, "threshold": 0.5, "f1": 2 / 3})
+    assert acc.summary() == pytest.approx({"n_images": 3, "image_auroc": 0.5, "threshold": 0.5, "f1": 2 / 3,
+                                           "goods_flagged": 1, "defects_missed": 0})
+    acc.add(0.4, True)
+    assert acc.summary()["defects_missed"] == 1
     with pytest.raises(ValueError, match="mask shape"):
         acc.add(0.1, False, anomaly_map=np.zeros((4, 4)), mask=np.zeros((4, 5), bool))
