@@ -68,10 +68,11 @@ class DistillTrainer(Trainer):
         self.same_classes = bool(self.class_names) and teacher_config["calibration"]["class_names"] == self.class_names
 
     def defect_loss(self) -> tuple[torch.Tensor, dict]:
-        images, masks, target, classes = self.defect_batch()
-        out = self.model.logits(images)
-        loss, parts = self.supervised_loss(out, masks, target, classes)
-        terms = distill_terms(out, teacher_logits(self.teacher, images), self.same_classes)
+        b = self.defect_batch()
+        out = self.model.logits(b.images)
+        self.record_errors(b, out)
+        loss, parts = self.supervised_loss(out, b.masks, b.defect, b.classes)
+        terms = distill_terms(out, teacher_logits(self.teacher, b.images), self.same_classes)
         parts.update({k: float(v.detach()) for k, v in terms.items()})
         return loss + self.weight * sum(terms.values()), parts
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lineinspect.training.data_cache import ImageCache
-from lineinspect.training.named_pasting import paste_named_defects
+from lineinspect.training.named_pasting import RenderPool, paste_named_defects
 from lineinspect.vision.crop_namer import CROP, crop_features
 from lineinspect.vision.precision import autocast
 
@@ -93,8 +93,8 @@ def crops_where_found(images: torch.Tensor, masks: torch.Tensor, normalize: Norm
 
 
 def namer_pool(cache: ImageCache, good: torch.Tensor, kinds: tuple[str, ...], g: torch.Generator, deadline: float,
-               normalize: Normalize, limit: int = POOL_MAX, region_of: RegionOf | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               normalize: Normalize, limit: int = POOL_MAX, region_of: RegionOf | None = None,
+               pool: RenderPool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Named defects pasted on random good training images, a batch of 32 at least, more until
     `deadline` or `limit` examples: packed crops (N, F) float16 and kind indices (N,). Crops are
     cut from `normalize`d images, as the head cuts them from the model's normalised input, where
@@ -107,7 +107,7 @@ def namer_pool(cache: ImageCache, good: torch.Tensor, kinds: tuple[str, ...], g:
         sources = None if cache.sources is None else cache.sources[idx.numpy()]
         empty = torch.zeros(len(idx), 1, size, size)
         images, masks, _, kind = paste_named_defects(images, empty, torch.zeros(len(idx), dtype=torch.bool),
-                                                     kinds, g, share=1.0, sources=sources)
+                                                     kinds, g, share=1.0, sources=sources, pool=pool)
         keep = kind >= 0
         crops.append(crops_where_found(images[keep], masks[keep], normalize, g, region_of)[0].half())
         names.append(kind[keep].cpu())
@@ -125,7 +125,8 @@ def accuracy(namer: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def train_namer(namer: torch.nn.Module, cache: ImageCache, good: torch.Tensor, kinds: tuple[str, ...],
                 seed: int, seconds: float, device: torch.device, normalize: Normalize,
-                dtype: torch.dtype | None = None, region_of: RegionOf | None = None) -> dict:
+                dtype: torch.dtype | None = None, region_of: RegionOf | None = None,
+                pool: RenderPool | None = None) -> dict:
     """Train `namer` (in place, float32) for about `seconds` on a pool that keeps growing: where
     steps are cheap (a GPU) rendering is the bottleneck, and a namer that saw the same few
     hundred defects hundreds of times names the held-out line worse than one that saw more
@@ -136,7 +137,7 @@ def train_namer(namer: torch.nn.Module, cache: ImageCache, good: torch.Tensor, k
     start = time.monotonic()
     g = torch.Generator().manual_seed(seed * 1000 + 777)
     first_x, first_y = namer_pool(cache, good, kinds, g, start + POOL_SHARE * seconds, normalize,
-                                  region_of=region_of)
+                                  region_of=region_of, pool=pool)
     n_held = len(first_y) // 5
     held_x, held_y = first_x[:n_held].to(device), first_y[:n_held].to(device)
     xs, ys = [first_x[n_held:].to(device)], [first_y[n_held:].to(device)]
@@ -151,7 +152,7 @@ def train_namer(namer: torch.nn.Module, cache: ImageCache, good: torch.Tensor, k
     namer.train()
     while time.monotonic() - start < seconds or steps == 0:
         if steps * BATCH >= MAX_REUSE * len(y) and len(y) < POOL_MAX:
-            more_x, more_y = namer_pool(cache, good, kinds, g, 0.0, normalize, region_of=region_of)
+            more_x, more_y = namer_pool(cache, good, kinds, g, 0.0, normalize, region_of=region_of, pool=pool)
             xs.append(more_x.to(device))
             ys.append(more_y.to(device))
             x, y = torch.cat(xs), torch.cat(ys)

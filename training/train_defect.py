@@ -30,8 +30,9 @@ from lineinspect.training.checkpoint import has_checkpoint, load_checkpoint, sav
 from lineinspect.training.data_cache import load_cache, paste_resolution, validation_split
 from lineinspect.training.datasets import Dataset
 from lineinspect.training.defects import DEFECT_TYPES
+from lineinspect.training.hard_examples import HardExampleSampler
 from lineinspect.training.metrics import f1_optimal_threshold, image_auroc, threshold_for_false_reject_rate
-from lineinspect.training.named_pasting import paste_named_defects
+from lineinspect.training.named_pasting import RenderPool, paste_named_defects
 from lineinspect.training.namer_phase import train_namer
 from lineinspect.training.schedule import lr_at
 from lineinspect.vision.checkpoints import load_pretrained_encoder
@@ -83,6 +84,11 @@ class TrainConfig:
     # weight of the map-peak loss: the smoothed map's peak (the fast path's map score) pushed down on
     # good images (see map_peak_loss); 0 = off
     peak_loss: float = 0.0
+    # share of each batch drawn in proportion to the image score's last error on that image as it is
+    # (training.hard_examples); 0 = uniform draws
+    hard_share: float = 0.0
+    # processes painting the named defects (training.named_pasting.RenderPool); None: render_workers_for(device)
+    render_workers: int | None = None
     paste_types: tuple[str, ...] = DEFECT_TYPES  # named defect renderings pasted besides the generic ones
     name_pasted_kinds: bool = False  # lines without class labels learn to name the pasted kinds (experimental)
     # ... from crops cut where the trained model's map finds them ("model"), or around jittered masks ("mask");
@@ -112,6 +118,10 @@ class TrainConfig:
             raise LineInspectError(f"validation fraction must be between 0 and 0.5, got {self.val_fraction:g}")
         if self.peak_loss < 0:
             raise LineInspectError(f"peak loss weight must be >= 0, got {self.peak_loss:g}")
+        if self.render_workers is not None and self.render_workers < 0:
+            raise LineInspectError(f"render workers must be >= 0, got {self.render_workers}")
+        if not 0 <= self.hard_share <= 1:
+            raise LineInspectError(f"hard-example share must be between 0 and 1, got {self.hard_share:g}")
         if self.namer_seconds is not None and self.namer_seconds <= 0:
             raise LineInspectError(f"namer seconds must be above 0, got {self.namer_seconds:g}")
         if None not in (self.namer_seconds, self.time_budget) and self.namer_seconds >= self.time_budget:
@@ -119,10 +129,21 @@ class TrainConfig:
                                    f"({self.time_budget:g} s): give the budget more than that")
         steps, cpu_bs, gpu_bs, bank, lr, ssl = PRESET_DEFAULTS[self.preset]
         gpu = self.device.startswith("cuda")
-        return replace(self, steps=self.steps or steps, batch_size=self.batch_size or (gpu_bs if gpu else cpu_bs),
+        workers = render_workers_for(self.device) if self.render_workers is None else self.render_workers
+        return replace(self, steps=self.steps or steps, render_workers=workers,
+                       batch_size=self.batch_size or (gpu_bs if gpu else cpu_bs),
                        memory_bank_size=self.memory_bank_size or bank, lr=self.lr or lr,
                        ssl_fraction=(ssl if gpu else CPU_SSL_FRACTION) if self.ssl_fraction is None
                        else self.ssl_fraction)
+
+
+def render_workers_for(device: str) -> int:
+    """Painting processes by default: none where the CPU also trains (its cores are busy with the model);
+    on a GPU host, all cores but two, up to 8. One core paints ~30 named defects a second, and an H100
+    training `s14` alone spent most of each step waiting for them (the namer phase: 11 steps/s, as on a
+    2-core CPU)."""
+    cores = os.cpu_count() or 1
+    return min(8, cores - 2) if device.startswith("cuda") and cores >= 4 else 0
 
 
 class Batch(NamedTuple):
@@ -227,6 +248,7 @@ class Trainer:
             [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=self.cfg.lr, betas=(0.9, 0.98),
         )
+        self.pool: RenderPool | None = None  # open while run() runs
         self.progress = Progress()
         if resume and has_checkpoint(self.ckpt_dir):
             meta = load_checkpoint(self.ckpt_dir, self.model, self.opt)
@@ -270,12 +292,16 @@ class Trainer:
         self.train_cache = cache.subset(train_idx).to(self.device)
         self.val_cache = cache.subset(val_idx) if val_idx else None
         self.good_idx = torch.nonzero(~self.train_cache.is_defect).flatten()
+        self.sampler = HardExampleSampler(len(self.train_cache), self.cfg.hard_share)
         self.load_seconds = time.monotonic() - t
 
     def batch(self, only_good: bool = False) -> Batch:
         """A training batch on the device, with photometric jitter."""
         pool = self.good_idx if only_good and len(self.good_idx) else torch.arange(len(self.train_cache))
-        idx = pool[torch.randint(len(pool), (self.cfg.batch_size,), generator=self.gen)]
+        if only_good:  # masked reconstruction has no score to be wrong about
+            idx = pool[torch.randint(len(pool), (self.cfg.batch_size,), generator=self.gen)]
+        else:
+            idx = self.sampler.draw(pool.cpu(), self.cfg.batch_size, self.gen)
         c = self.train_cache
         images = c.images[idx].to(self.device, non_blocking=True).float().div_(255)
         masks = c.masks[idx].to(self.device).float()
@@ -291,6 +317,16 @@ class Trainer:
     # ---- phases ----------------------------------------------------------------------------
     def run(self) -> Path:
         self.load_data()
+        if self.cfg.render_workers and self.cfg.paste_types:
+            self.pool = RenderPool(self.cfg.render_workers)
+        try:
+            return self._run_phases()
+        finally:
+            if self.pool is not None:
+                self.pool.close()
+                self.pool = None
+
+    def _run_phases(self) -> Path:
         for phase in ("ssl", "defect"):
             order = ("ssl", "defect", "fit")
             if order.index(self.progress.phase) > order.index(phase):
@@ -354,11 +390,19 @@ class Trainer:
         return loss, {}
 
     def defect_loss(self) -> tuple[torch.Tensor, dict]:
-        images, masks, target, classes = self.defect_batch()
-        return self.supervised_loss(self.model.logits(images, class_region=masks), masks, target, classes)
+        b = self.defect_batch()
+        out = self.model.logits(b.images, class_region=b.masks)
+        self.record_errors(b, out)
+        return self.supervised_loss(out, b.masks, b.defect, b.classes)
 
-    def defect_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A batch with synthetic defects pasted on good images: images, masks, defect target (B,), class (B,)."""
+    def record_errors(self, b: Batch, out: HeadOutput) -> None:
+        """Hand the hard-example sampler the image score's error on this batch's images."""
+        if self.sampler.share > 0:
+            self.sampler.update(b.index, b.defect, self.train_cache.is_defect[b.index.to(self.device)],
+                                out.image_logit)
+
+    def defect_batch(self) -> Batch:
+        """A batch with synthetic defects pasted on good images; its `defect` is the target after pasting."""
         images, masks, defect, classes, idx = self.batch()
         good = ~defect
         if good.any():
@@ -368,7 +412,7 @@ class Trainer:
                 if sources is not None:
                     sources = sources[idx[good.to(idx.device)].cpu().numpy()]
                 pasted, pmask, has, kinds = paste_named_defects(pasted, pmask, has, self.cfg.paste_types, self.gen,
-                                                                sources=sources)
+                                                                sources=sources, pool=self.pool)
                 if self.names_pasted:
                     classes = classes.clone()
                     classes[good] = kinds
@@ -377,7 +421,7 @@ class Trainer:
             target[good] = has
         else:
             target = defect
-        return images, masks, target, classes
+        return Batch(images, masks, target, classes, idx)
 
     def supervised_loss(self, out: HeadOutput, masks: torch.Tensor, target: torch.Tensor,
                         classes: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -441,8 +485,8 @@ class Trainer:
             named = (torch.rand(len(has), generator=g) < 0.5).view(-1, 1, 1, 1)
             pasted, pmask = torch.where(named, base, pasted), pmask * ~named
             sources = None if cache.sources is None else cache.sources[good.numpy()]
-            pasted, pmask, has, _ = paste_named_defects(pasted, pmask, has & ~named.flatten(),
-                                                     self.cfg.paste_types, g, share=1.0, sources=sources)
+            pasted, pmask, has, _ = paste_named_defects(pasted, pmask, has & ~named.flatten(), self.cfg.paste_types,
+                                                     g, share=1.0, sources=sources, pool=self.pool)
         images = torch.cat([images, (pasted * 255).round().to(torch.uint8)[has]])
         masks = torch.cat([masks, pmask.to(torch.uint8)[has]])
         labels = torch.cat([defect, torch.ones(int(has.sum()), dtype=torch.bool)])
@@ -526,7 +570,7 @@ class Trainer:
 
         return train_namer(self.model.head.class_out, self.train_cache, self.good_idx.cpu(), self.cfg.paste_types,
                            self.cfg.seed, seconds, self.device, normalize, self.autocast,
-                           region_of if self.namer_uses_model_regions() else None)
+                           region_of if self.namer_uses_model_regions() else None, pool=self.pool)
 
     def namer_budget(self) -> float:
         """Seconds for the namer phase (part of the time budget when there is one)."""
@@ -561,6 +605,7 @@ class Trainer:
                          "steps_planned": {"ssl": self.phase_steps("ssl"), "defect": self.phase_steps("defect")},
                          "steps": self.steps_done,
                          "ms_per_step": self.step_ms,
+                         "render_workers": self.cfg.render_workers if self.cfg.paste_types else 0,
                          "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
                          if self.device.type == "cuda" else None,
                          "wall_seconds": round(time.monotonic() - self.start, 1)},

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lineinspect.errors import LineInspectError
-from lineinspect.training.named_pasting import paste_named_defects
+from lineinspect.training.named_pasting import RenderPool, paste_named_defects
 from lineinspect.training.surfaces import make_surface
 
 
@@ -60,3 +60,21 @@ def test_unknown_kinds_are_refused() -> None:
     with pytest.raises(LineInspectError, match="unknown defect type"):
         paste_named_defects(images, torch.zeros(1, 1, 32, 32), torch.zeros(1, dtype=torch.bool), ("rust",),
                             torch.Generator())
+
+
+@pytest.mark.parametrize("at_source", [False, True])
+def test_a_render_pool_paints_exactly_what_one_process_paints(at_source: bool) -> None:
+    big, images = _batch(6, 64)
+    masks, has = torch.zeros(6, 1, 64, 64), torch.zeros(6, dtype=torch.bool)
+    kinds = ("scratch", "hole", "stain")
+    alone = paste_named_defects(images, masks, has, kinds, torch.Generator().manual_seed(3), share=0.8,
+                                sources=big if at_source else None)
+    pool = RenderPool(2)
+    try:
+        pooled = paste_named_defects(images, masks, has, kinds, torch.Generator().manual_seed(3), share=0.8,
+                                     sources=big if at_source else None, pool=pool)
+    finally:
+        pool.close()
+    assert (alone[3] >= 0).sum() >= 3  # most of the six were painted
+    for a, b in zip(alone, pooled):
+        assert torch.equal(a, b)

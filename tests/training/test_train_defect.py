@@ -125,7 +125,7 @@ def test_pasted_kinds_become_class_targets_when_asked(line, tmp_path) -> None:
     trainer = Trainer(config, open_dataset(line), tmp_path / "m")
     trainer.load_data()
     assert trainer.class_names == list(kinds)
-    images, masks, target, classes = trainer.defect_batch()
+    images, masks, target, classes, _ = trainer.defect_batch()
     named = classes >= 0
     assert named.any() and bool((masks[named].flatten(1).amax(1) > 0).all())
     assert bool(target[named].all()) and bool((classes[~target] == -1).all())
@@ -190,3 +190,27 @@ def test_val_fraction_sets_how_many_good_images_choose_the_threshold(line, tmp_p
         trainer.load_data()
         held_out.append(len(trainer.val_cache))
     assert held_out == [5, 12]  # of the line's 48 good training images
+
+
+def test_hard_example_sampling_learns_each_images_error_while_training(line, tmp_path) -> None:
+    config = TrainConfig(preset="tiny", img_size=64, steps=2, batch_size=16, memory_bank_size=64, hard_share=0.5)
+    trainer = Trainer(config, open_dataset(line), tmp_path / "m")
+    trainer.load_data()
+    before = trainer.sampler.error.clone()
+    loss, _ = trainer.defect_loss()
+    assert loss.isfinite()
+    changed = trainer.sampler.error != before
+    assert changed.any() and bool((~trainer.train_cache.is_defect.cpu()[changed]).all())
+
+
+def test_a_training_paints_its_named_defects_in_worker_processes(line, tmp_path) -> None:
+    config = TrainConfig(preset="tiny", img_size=64, steps=3, batch_size=8, memory_bank_size=64,
+                         paste_types=("scratch", "hole"), render_workers=2)
+    trainer = Trainer(config, open_dataset(line), tmp_path / "m")
+    out = trainer.run()
+    assert trainer.pool is None  # closed with the run
+    training = json.loads((out / "config.json").read_text())["training"]
+    assert training["render_workers"] == 2 and training["steps"]["defect"] == 3
+    assert TrainConfig(device="cpu").resolved().render_workers == 0  # a CPU's cores train the model
+    with pytest.raises(LineInspectError, match="render workers"):
+        TrainConfig(render_workers=-1).resolved()
