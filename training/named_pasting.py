@@ -13,7 +13,8 @@ and small defects arrive as faint as real ones do.
 from __future__ import annotations
 
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -35,6 +36,20 @@ def paste_named_defects(images: torch.Tensor, masks: torch.Tensor, has: torch.Te
     named was pasted. Each defect is painted from its own seed, so `pool` (worker processes)
     changes only how fast, never what, is painted.
     """
+    return finish_named_defects(images, masks, has, start_named_defects(images, has, kinds, g, share, sources, pool))
+
+
+class NamedPaintings(NamedTuple):
+    """A batch's named defects, chosen and painted or being painted in a RenderPool."""
+    chosen: list[tuple[int, int]]  # (row of the batch, index into the kinds)
+    painted: list  # paint_one's results, or futures of them
+
+
+def start_named_defects(images: torch.Tensor, has: torch.Tensor, kinds: tuple[str, ...], g: torch.Generator,
+                        share: float = 0.5, sources: np.ndarray | None = None, pool: RenderPool | None = None
+                        ) -> NamedPaintings:
+    """Choose which free images get which kind and start painting them (in `pool`, without waiting);
+    `finish_named_defects` pastes them. Arguments as in paste_named_defects."""
     from lineinspect.training.defects import DEFECT_TYPES
 
     unknown = [k for k in kinds if k not in DEFECT_TYPES]
@@ -46,10 +61,17 @@ def paste_named_defects(images: torch.Tensor, masks: torch.Tensor, has: torch.Te
     size = images.shape[-1]
     tasks = [(sources[i] if sources is not None else _as_uint8(images[i]), kinds[k], seed, size, sources is not None)
              for i, k, seed in chosen]
-    painted = pool.map(tasks) if pool is not None else [paint_one(t) for t in tasks]
+    painted = pool.submit(tasks) if pool is not None else [paint_one(t) for t in tasks]
+    return NamedPaintings([(i, k) for i, k, _ in chosen], painted)
+
+
+def finish_named_defects(images: torch.Tensor, masks: torch.Tensor, has: torch.Tensor, paintings: NamedPaintings
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Paste `paintings` (waiting for any still being painted) on the images they were started for."""
     images, masks, has = images.clone(), masks.clone(), has.clone()
     kind_index = torch.full((len(images),), -1, dtype=torch.long)
-    for (i, k, _), (y0, x0, change, mask, added) in zip(chosen, painted):
+    for (i, k), result in zip(paintings.chosen, paintings.painted):
+        y0, x0, change, mask, added = result.result() if isinstance(result, Future) else result
         h, w = mask.shape
         window = images[i, :, y0:y0 + h, x0:x0 + w]
         new = torch.from_numpy(change).permute(2, 0, 1).to(images)
@@ -106,8 +128,8 @@ class RenderPool:
                                              initializer=_one_thread_each)
         self.workers = workers
 
-    def map(self, tasks: list) -> list:
-        return list(self._executor.map(paint_one, tasks, chunksize=max(1, len(tasks) // (4 * self.workers))))
+    def submit(self, tasks: list) -> list[Future]:
+        return [self._executor.submit(paint_one, task) for task in tasks]
 
     def close(self) -> None:
         self._executor.shutdown(cancel_futures=True)

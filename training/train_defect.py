@@ -32,7 +32,8 @@ from lineinspect.training.datasets import Dataset
 from lineinspect.training.defects import DEFECT_TYPES
 from lineinspect.training.hard_examples import HardExampleSampler
 from lineinspect.training.metrics import f1_optimal_threshold, image_auroc, threshold_for_false_reject_rate
-from lineinspect.training.named_pasting import RenderPool, paste_named_defects
+from lineinspect.training.named_pasting import (NamedPaintings, RenderPool, finish_named_defects,
+                                                   paste_named_defects, start_named_defects)
 from lineinspect.training.namer_phase import train_namer
 from lineinspect.training.schedule import lr_at
 from lineinspect.vision.checkpoints import load_pretrained_encoder
@@ -154,6 +155,15 @@ class Batch(NamedTuple):
     index: torch.Tensor  # (B,) rows of the training cache
 
 
+class PendingBatch(NamedTuple):
+    """A drawn batch whose good images have their generic defects and whose named ones may still be painting."""
+    drawn: Batch
+    pasted: torch.Tensor | None  # the good images with generic defects (None: the batch has no good image)
+    masks: torch.Tensor | None
+    has: torch.Tensor | None
+    paintings: NamedPaintings | None  # None when no named kinds are pasted
+
+
 @dataclass
 class Progress:
     phase: str = "ssl"
@@ -249,6 +259,7 @@ class Trainer:
             lr=self.cfg.lr, betas=(0.9, 0.98),
         )
         self.pool: RenderPool | None = None  # open while run() runs
+        self.next_batch: PendingBatch | None = None  # drawn ahead while the pool paints it
         self.progress = Progress()
         if resume and has_checkpoint(self.ckpt_dir):
             meta = load_checkpoint(self.ckpt_dir, self.model, self.opt)
@@ -324,7 +335,7 @@ class Trainer:
         finally:
             if self.pool is not None:
                 self.pool.close()
-                self.pool = None
+                self.pool, self.next_batch = None, None
 
     def _run_phases(self) -> Path:
         for phase in ("ssl", "defect"):
@@ -402,25 +413,42 @@ class Trainer:
                                 out.image_logit)
 
     def defect_batch(self) -> Batch:
-        """A batch with synthetic defects pasted on good images; its `defect` is the target after pasting."""
+        """A batch with synthetic defects pasted on good images; its `defect` is the target after pasting.
+        With a render pool the next batch is drawn and its paintings started before this one is handed
+        back, so the workers paint while the device trains on this one."""
+        batch = self.next_batch or self.start_defect_batch()
+        self.next_batch = self.start_defect_batch() if self.pool is not None else None
+        return self.finish_defect_batch(batch)
+
+    def start_defect_batch(self) -> PendingBatch:
+        """Draw a batch, paste the generic defects and start painting the named ones."""
         images, masks, defect, classes, idx = self.batch()
         good = ~defect
+        pasted, pmask, has, paintings = None, None, None, None
         if good.any():
             pasted, pmask, has = synthesize_defects(images[good], self.gen, self.cfg.p_defect)
             if self.cfg.paste_types:
                 sources = self.train_cache.sources
                 if sources is not None:
                     sources = sources[idx[good.to(idx.device)].cpu().numpy()]
-                pasted, pmask, has, kinds = paste_named_defects(pasted, pmask, has, self.cfg.paste_types, self.gen,
-                                                                sources=sources, pool=self.pool)
-                if self.names_pasted:
-                    classes = classes.clone()
-                    classes[good] = kinds
-            images[good], masks[good] = pasted, pmask
-            target = defect.clone()
-            target[good] = has
-        else:
-            target = defect
+                paintings = start_named_defects(pasted, has, self.cfg.paste_types, self.gen, sources=sources,
+                                                pool=self.pool)
+        return PendingBatch(Batch(images, masks, defect, classes, idx), pasted, pmask, has, paintings)
+
+    def finish_defect_batch(self, pending: PendingBatch) -> Batch:
+        images, masks, defect, classes, idx = pending.drawn
+        if pending.pasted is None:
+            return pending.drawn
+        good = ~defect
+        pasted, pmask, has = pending.pasted, pending.masks, pending.has
+        if pending.paintings is not None:
+            pasted, pmask, has, kinds = finish_named_defects(pasted, pmask, has, pending.paintings)
+            if self.names_pasted:
+                classes = classes.clone()
+                classes[good] = kinds
+        images[good], masks[good] = pasted, pmask
+        target = defect.clone()
+        target[good] = has
         return Batch(images, masks, target, classes, idx)
 
     def supervised_loss(self, out: HeadOutput, masks: torch.Tensor, target: torch.Tensor,

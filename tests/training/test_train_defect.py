@@ -14,6 +14,7 @@ from lineinspect.errors import LineInspectError
 from lineinspect.service.cli import main
 from lineinspect.training.datasets import open_dataset
 from lineinspect.training.evaluate import evaluate
+from lineinspect.training.named_pasting import RenderPool
 from lineinspect.training.synth import write_synthetic_dataset
 from lineinspect.training.train_defect import TrainConfig, Trainer, focal_dice_loss, map_peak_loss
 from lineinspect.vision.model_io import load_inspector
@@ -214,3 +215,21 @@ def test_a_training_paints_its_named_defects_in_worker_processes(line, tmp_path)
     assert TrainConfig(device="cpu").resolved().render_workers == 0  # a CPU's cores train the model
     with pytest.raises(LineInspectError, match="render workers"):
         TrainConfig(render_workers=-1).resolved()
+
+
+def test_batches_drawn_ahead_for_the_render_pool_are_the_batches_drawn_in_turn(line, tmp_path) -> None:
+    """With a render pool the trainer draws the next batch while the device trains on this one: the same
+    batches, in the same order, as without it."""
+    config = TrainConfig(preset="tiny", img_size=64, steps=2, batch_size=8, memory_bank_size=64,
+                         paste_types=("scratch", "hole"), name_pasted_kinds=True)
+    in_turn, ahead = (Trainer(config, open_dataset(line), tmp_path / name) for name in ("a", "b"))
+    in_turn.load_data()
+    ahead.load_data()
+    ahead.pool = RenderPool(1)
+    try:
+        for _ in range(3):
+            for a, b in zip(in_turn.defect_batch(), ahead.defect_batch()):
+                assert torch.equal(a, b)
+        assert ahead.next_batch is not None and in_turn.next_batch is None
+    finally:
+        ahead.pool.close()
