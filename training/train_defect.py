@@ -30,10 +30,14 @@ from lineinspect.training.checkpoint import has_checkpoint, load_checkpoint, sav
 from lineinspect.training.data_cache import load_cache, paste_resolution, validation_split
 from lineinspect.training.datasets import Dataset
 from lineinspect.training.defects import DEFECT_TYPES
-from lineinspect.training.hard_examples import HardExampleSampler
 from lineinspect.training.metrics import f1_optimal_threshold, image_auroc, threshold_for_false_reject_rate
-from lineinspect.training.named_pasting import (NamedPaintings, RenderPool, finish_named_defects,
-                                                   paste_named_defects, start_named_defects)
+from lineinspect.training.named_pasting import (
+    NamedPaintings,
+    RenderPool,
+    finish_named_defects,
+    paste_named_defects,
+    start_named_defects,
+)
 from lineinspect.training.namer_phase import train_namer
 from lineinspect.training.schedule import lr_at
 from lineinspect.vision.checkpoints import load_pretrained_encoder
@@ -85,9 +89,6 @@ class TrainConfig:
     # weight of the map-peak loss: the smoothed map's peak (the fast path's map score) pushed down on
     # good images (see map_peak_loss); 0 = off
     peak_loss: float = 0.0
-    # share of each batch drawn in proportion to the image score's last error on that image as it is
-    # (training.hard_examples); 0 = uniform draws
-    hard_share: float = 0.0
     # processes painting the named defects (training.named_pasting.RenderPool); None: render_workers_for(device)
     render_workers: int | None = None
     paste_types: tuple[str, ...] = DEFECT_TYPES  # named defect renderings pasted besides the generic ones
@@ -121,8 +122,6 @@ class TrainConfig:
             raise LineInspectError(f"peak loss weight must be >= 0, got {self.peak_loss:g}")
         if self.render_workers is not None and self.render_workers < 0:
             raise LineInspectError(f"render workers must be >= 0, got {self.render_workers}")
-        if not 0 <= self.hard_share <= 1:
-            raise LineInspectError(f"hard-example share must be between 0 and 1, got {self.hard_share:g}")
         if self.namer_seconds is not None and self.namer_seconds <= 0:
             raise LineInspectError(f"namer seconds must be above 0, got {self.namer_seconds:g}")
         if None not in (self.namer_seconds, self.time_budget) and self.namer_seconds >= self.time_budget:
@@ -303,16 +302,12 @@ class Trainer:
         self.train_cache = cache.subset(train_idx).to(self.device)
         self.val_cache = cache.subset(val_idx) if val_idx else None
         self.good_idx = torch.nonzero(~self.train_cache.is_defect).flatten()
-        self.sampler = HardExampleSampler(len(self.train_cache), self.cfg.hard_share)
         self.load_seconds = time.monotonic() - t
 
     def batch(self, only_good: bool = False) -> Batch:
         """A training batch on the device, with photometric jitter."""
         pool = self.good_idx if only_good and len(self.good_idx) else torch.arange(len(self.train_cache))
-        if only_good:  # masked reconstruction has no score to be wrong about
-            idx = pool[torch.randint(len(pool), (self.cfg.batch_size,), generator=self.gen)]
-        else:
-            idx = self.sampler.draw(pool.cpu(), self.cfg.batch_size, self.gen)
+        idx = pool[torch.randint(len(pool), (self.cfg.batch_size,), generator=self.gen)]
         c = self.train_cache
         images = c.images[idx].to(self.device, non_blocking=True).float().div_(255)
         masks = c.masks[idx].to(self.device).float()
@@ -402,15 +397,7 @@ class Trainer:
 
     def defect_loss(self) -> tuple[torch.Tensor, dict]:
         b = self.defect_batch()
-        out = self.model.logits(b.images, class_region=b.masks)
-        self.record_errors(b, out)
-        return self.supervised_loss(out, b.masks, b.defect, b.classes)
-
-    def record_errors(self, b: Batch, out: HeadOutput) -> None:
-        """Hand the hard-example sampler the image score's error on this batch's images."""
-        if self.sampler.share > 0:
-            self.sampler.update(b.index, b.defect, self.train_cache.is_defect[b.index.to(self.device)],
-                                out.image_logit)
+        return self.supervised_loss(self.model.logits(b.images, class_region=b.masks), b.masks, b.defect, b.classes)
 
     def defect_batch(self) -> Batch:
         """A batch with synthetic defects pasted on good images; its `defect` is the target after pasting.

@@ -50,10 +50,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--peak-loss", type=float, default=0.0, metavar="WEIGHT",
                    help="weight of the loss on the smoothed map's peak (the map score) on good images: their strongest "
                    "false spot (default 0 = off; measured on two held-out lines in bench/RESULTS.md, session 16)")
-    p.add_argument("--hard-share", type=float, default=0.0, metavar="SHARE",
-                   help="share of each batch drawn in proportion to how wrong the image score last was on each "
-                   "training image as it is (hard examples: a good part's turning centre, a glint); default 0 = "
-                   "uniform draws")
     p.add_argument("--render-workers", type=int, default=None, metavar="N",
                    help="processes painting the pasted named defects (default: on a GPU host all cores but two, up "
                    "to 8; none on a CPU, whose cores train the model)")
@@ -138,6 +134,6 @@ def train_defect(args: argparse.Namespace, dataset) -> None:
         precision=args.precision, name_pasted_kinds=args.name_pasted_kinds, bandpass=args.bandpass,
         ridges=args.ridges, chroma=args.chroma, namer_regions=args.namer_regions,
         namer_seconds=args.namer_seconds, val_fraction=args.val_fraction, peak_loss=args.peak_loss,
-        hard_share=args.hard_share, render_workers=args.render_workers,
+        render_workers=args.render_workers,
     )
     Trainer(config, dataset, args.out, resume=args.resume).run()

@@ -193,17 +193,6 @@ def test_val_fraction_sets_how_many_good_images_choose_the_threshold(line, tmp_p
     assert held_out == [5, 12]  # of the line's 48 good training images
 
 
-def test_hard_example_sampling_learns_each_images_error_while_training(line, tmp_path) -> None:
-    config = TrainConfig(preset="tiny", img_size=64, steps=2, batch_size=16, memory_bank_size=64, hard_share=0.5)
-    trainer = Trainer(config, open_dataset(line), tmp_path / "m")
-    trainer.load_data()
-    before = trainer.sampler.error.clone()
-    loss, _ = trainer.defect_loss()
-    assert loss.isfinite()
-    changed = trainer.sampler.error != before
-    assert changed.any() and bool((~trainer.train_cache.is_defect.cpu()[changed]).all())
-
-
 def test_a_training_paints_its_named_defects_in_worker_processes(line, tmp_path) -> None:
     config = TrainConfig(preset="tiny", img_size=64, steps=3, batch_size=8, memory_bank_size=64,
                          paste_types=("scratch", "hole"), render_workers=2)
