@@ -141,7 +141,7 @@ def render_workers_for(device: str) -> int:
     """Painting processes by default: none where the CPU also trains (its cores are busy with the model);
     on a GPU host, all cores but two, up to 8. With one painting process an H100 training `s14` waited for
     the host most of each step (262 ms a step against 145 with 8 workers; the namer 11 steps a second, as
-    on a 2-core CPU, against 28)."""
+    on a 2-core CPU, against 26)."""
     cores = os.cpu_count() or 1
     return min(8, cores - 2) if device.startswith("cuda") and cores >= 4 else 0
 
