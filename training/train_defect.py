@@ -607,7 +607,7 @@ class Trainer:
         save_model_dir(self.out, self.model.cpu(), calibration, summary)
         tqdm.write(json.dumps({"model": str(self.out), "calibration": calibration.notes,
                                "score_source": calibration.score_source, "threshold": round(calibration.threshold, 4),
-                               **summary["training"]["seconds"]}))
+                               "steps": summary["training"]["steps"], **summary["training"]["seconds"]}))
         return self.out
 
     def summary(self) -> dict:
