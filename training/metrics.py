@@ -66,6 +66,17 @@ def image_auroc(scores: Sequence[float] | np.ndarray, labels: Sequence | np.ndar
     return float(roc_auc_score(y, s))
 
 
+def auroc_standard_error(auroc: float, n_defect: int, n_good: int) -> float:
+    """Standard error of an AUROC measured on `n_defect` and `n_good` images (Hanley & McNeil, 1982):
+    how far a second set of that size could put it. scikit-learn has no such estimate."""
+    if n_defect < 1 or n_good < 1:
+        raise ValueError("an AUROC's standard error needs at least one defect and one good image")
+    a = min(max(auroc, 0.0), 1.0)
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    var = (a * (1 - a) + (n_defect - 1) * (q1 - a * a) + (n_good - 1) * (q2 - a * a)) / (n_defect * n_good)
+    return float(np.sqrt(max(var, 0.0)))
+
+
 def pixel_auroc(
     maps: Sequence[np.ndarray],
     masks: Sequence[np.ndarray],

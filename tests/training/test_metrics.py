@@ -8,6 +8,7 @@ import pytest
 from lineinspect.training.metrics import (
     EvalAccumulator,
     accuracy,
+    auroc_standard_error,
     average_precision,
     box_iou,
     box_recall,
@@ -255,3 +256,13 @@ def test_accumulator_leaves_out_what_cannot_be_computed() -> None:
     assert acc.summary()["defects_missed"] == 1
     with pytest.raises(ValueError, match="mask shape"):
         acc.add(0.1, False, anomaly_map=np.zeros((4, 4)), mask=np.zeros((4, 5), bool))
+
+
+def test_auroc_standard_error_by_hand_and_with_the_number_of_images() -> None:
+    # Hanley & McNeil at A = 0.965, 20 + 20: Q1 = 0.9324, Q2 = 0.9478,
+    # var = (0.0338 + 19 * 0.00121 + 19 * 0.01658) / 400 = 0.000930 -> 0.0305
+    assert auroc_standard_error(0.965, 20, 20) == pytest.approx(0.0305, abs=5e-4)
+    assert auroc_standard_error(0.965, 200, 200) < 0.4 * auroc_standard_error(0.965, 20, 20)
+    assert auroc_standard_error(1.0, 20, 20) == 0.0
+    with pytest.raises(ValueError, match="at least one"):
+        auroc_standard_error(0.9, 0, 20)
