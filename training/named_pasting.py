@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import NamedTuple
 
 import cv2
@@ -24,6 +25,8 @@ from lineinspect.errors import LineInspectError
 from lineinspect.training.surfaces import channel_max
 
 MASK_COVER = 0.25  # a model pixel belongs to a defect painted at source resolution from this coverage
+POOL_DIED = ("a defect-painting process died (out of memory?); train with fewer --render-workers, or 0 to paint in "
+             "the training process")
 
 
 def paste_named_defects(images: torch.Tensor, masks: torch.Tensor, has: torch.Tensor, kinds: tuple[str, ...],
@@ -73,7 +76,7 @@ def finish_named_defects(images: torch.Tensor, masks: torch.Tensor, has: torch.T
     images, masks, has = images.clone(), masks.clone(), has.clone()
     kind_index = torch.full((len(images),), -1, dtype=torch.long)
     for (i, k), result in zip(paintings.chosen, paintings.painted):
-        y0, x0, change, mask, added = result.result() if isinstance(result, Future) else result
+        y0, x0, change, mask, added = _painted(result)
         h, w = mask.shape
         window = images[i, :, y0:y0 + h, x0:x0 + w]
         new = torch.from_numpy(change).permute(2, 0, 1).to(images)
@@ -82,6 +85,15 @@ def finish_named_defects(images: torch.Tensor, masks: torch.Tensor, has: torch.T
         has[i] = bool(mask.any())
         kind_index[i] = k if has[i] else -1
     return images, masks, has, kind_index.to(images.device)
+
+
+def _painted(result: tuple | Future) -> tuple:
+    if not isinstance(result, Future):
+        return result
+    try:
+        return result.result()
+    except BrokenProcessPool as e:
+        raise LineInspectError(POOL_DIED) from e
 
 
 def _as_uint8(image: torch.Tensor) -> np.ndarray:
@@ -128,10 +140,12 @@ class RenderPool:
         # spawn, not fork: the trainer may already hold a CUDA context, which a forked child cannot use
         self._executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                              initializer=_one_thread_each)
-        self.workers = workers
 
     def submit(self, tasks: list) -> list[Future]:
-        return [self._executor.submit(paint_one, task) for task in tasks]
+        try:
+            return [self._executor.submit(paint_one, task) for task in tasks]
+        except BrokenProcessPool as e:
+            raise LineInspectError(POOL_DIED) from e
 
     def close(self) -> None:
         self._executor.shutdown(cancel_futures=True)

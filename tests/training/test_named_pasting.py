@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
 
 from lineinspect.errors import LineInspectError
-from lineinspect.training.named_pasting import RenderPool, paste_named_defects
+from lineinspect.training.named_pasting import (
+    RenderPool,
+    paste_named_defects,
+    start_named_defects,
+)
 from lineinspect.training.surfaces import make_surface
 
 
@@ -78,3 +84,20 @@ def test_a_render_pool_paints_exactly_what_one_process_paints(at_source: bool) -
     assert (alone[3] >= 0).sum() >= 3  # most of the six were painted
     for a, b in zip(alone, pooled):
         assert torch.equal(a, b)
+
+
+def test_a_painting_process_that_dies_is_reported_with_what_to_do() -> None:
+    _, images = _batch(2, 32)
+    free = torch.zeros(2, dtype=torch.bool)
+    pool = RenderPool(1)
+    try:
+        paste_named_defects(images, torch.zeros(2, 1, 32, 32), free, ("hole",), torch.Generator(), share=1.0, pool=pool)
+        for process in list(pool._executor._processes.values()):  # killed as the OOM killer would
+            process.kill()
+        deadline = time.monotonic() + 30
+        while not pool._executor._broken and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(LineInspectError, match="render-workers"):
+            start_named_defects(images, free, ("hole",), torch.Generator(), share=1.0, pool=pool)
+    finally:
+        pool.close()
