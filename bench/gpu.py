@@ -50,6 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lineinspect.moe_lm.config import preset as decoder_preset
 from lineinspect.moe_lm.experts import RoutedExperts, SwiGLU
+from lineinspect.moe_lm.fused import set_fused_kernels
 from lineinspect.moe_lm.generate import SamplingConfig, generate
 from lineinspect.moe_lm.moe import DENSE_DISPATCH_ROWS, MoEBlock
 from lineinspect.moe_lm.report_model import EvidenceConfig, ReportModel, evidence_tokens, language_config
@@ -449,21 +450,23 @@ def fp8_section(rec: Recorder, plan: Plan, device: torch.device, model: DefectMo
 # --------------------------------------------------------------------------- 4. MoE feed-forward layer
 
 
-def per_expert_loop(experts: RoutedExperts, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def per_expert_loop(experts: RoutedExperts, x: torch.Tensor, offs: torch.Tensor,
+                    scale: torch.Tensor | None = None) -> torch.Tensor:
     """RoutedExperts.forward as a plain Python loop over experts: the naive baseline."""
     outputs, start = [], 0
     for e, end in enumerate(offs.tolist()):
         gate, up = (x[start:end] @ experts.w_gate_up[e]).chunk(2, dim=-1)
         outputs.append((F.silu(gate) * up) @ experts.w_down[e])
         start = end
-    return torch.cat(outputs)
+    y = torch.cat(outputs)
+    return y if scale is None else y * scale[:, None].to(y.dtype)
 
 
 def use_experts(experts: RoutedExperts, impl: str) -> None:
     """Make the experts run `impl`: "grouped_mm", "padded_bmm" or "loop" (per_expert_loop)."""
     experts.__dict__.pop("forward", None)  # undo an earlier "loop"
     if impl == "loop":
-        experts.forward = lambda x, offs: per_expert_loop(experts, x, offs)
+        experts.forward = lambda x, offs, scale=None: per_expert_loop(experts, x, offs, scale)
     else:
         experts.impl = impl
 
@@ -539,6 +542,13 @@ def grouped_gemm_layouts(rec: Recorder, experts: RoutedExperts, rows: int, devic
                     lambda t, wt=weight: torch._grouped_mm(t, wt, offs=offs), x, device, plan, flops, graph=True)
 
 
+def column_major_experts(experts: RoutedExperts, column_major: bool) -> None:
+    """Store the expert weights column-major (each expert's matrix transposed in memory, shapes
+    unchanged) or row-major again."""
+    for p in (experts.w_gate_up, experts.w_down):
+        p.data = p.data.mT.contiguous().mT if column_major else p.data.contiguous()
+
+
 def ratio_entry(name: str, fwd: dict[str, dict | None]) -> dict:
     """grouped_mm forward time over the dense SwiGLU's, eager and from CUDA graphs (issue 5's target)."""
     entry: dict[str, Any] = {"name": name}
@@ -596,6 +606,14 @@ def moe_section(rec: Recorder, plan: Plan, device: torch.device) -> None:
                 cuda_measure(rec, f"MoE grouped_mm {n_tokens} tok fwd, CUDA graph, gate-up as one GEMM",
                              device, forward_only, moe, x, device, plan, flops, graph=True)
                 block.experts.split_gate_up = True
+                set_fused_kernels(block, False)  # the A/B of the Triton element-wise kernels (moe_lm.fused)
+                cuda_measure(rec, f"MoE grouped_mm {n_tokens} tok fwd, CUDA graph, eager element-wise",
+                             device, forward_only, moe, x, device, plan, flops, graph=True)
+                set_fused_kernels(block, True)
+                column_major_experts(block.experts, True)  # the A/B of the expert weights' storage
+                cuda_measure(rec, f"MoE grouped_mm {n_tokens} tok fwd, CUDA graph, column-major expert weights",
+                             device, forward_only, moe, x, device, plan, flops, graph=True)
+                column_major_experts(block.experts, False)
                 block.dense_dispatch_rows = 0  # the A/B of running every expert on few tokens
                 cuda_measure(rec, f"MoE grouped_mm {n_tokens} tok fwd, CUDA graph, always sorted dispatch",
                              device, forward_only, moe, x, device, plan, flops, graph=True)
@@ -606,6 +624,10 @@ def moe_section(rec: Recorder, plan: Plan, device: torch.device) -> None:
                                          flops)
         fwd["dense graph"] = cuda_measure(rec, f"dense SwiGLU {n_tokens} tok fwd, CUDA graph", device, forward_only,
                                           dense, x, device, plan, flops, graph=True)
+        set_fused_kernels(dense, False)
+        cuda_measure(rec, f"dense SwiGLU {n_tokens} tok fwd, CUDA graph, eager element-wise", device, forward_only,
+                     dense, x, device, plan, flops, graph=True)
+        set_fused_kernels(dense, True)
         rec.measure(f"dense SwiGLU {n_tokens} tok fwd+bwd", forward_backward, dense, dense, x, device, plan, flops)
         rec.write(ratio_entry(f"MoE grouped_mm / dense SwiGLU {n_tokens} tok fwd", fwd))
 

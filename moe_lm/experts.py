@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lineinspect.errors import LineInspectError
+from lineinspect.moe_lm.fused import silu_mul
 
 
 class SwiGLU(nn.Module):
@@ -43,6 +44,7 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.gate_up = nn.Linear(width, 2 * hidden, bias=False)
         self.down = nn.Linear(hidden, width, bias=False)
+        self.fused_kernels = True  # Triton silu * up at inference on CUDA (moe_lm.fused); off for A/B timing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Two products on the two halves of the weight rather than one product and a split: the
@@ -51,7 +53,7 @@ class SwiGLU(nn.Module):
         h = self.down.in_features
         gate = F.linear(x, self.gate_up.weight[:h])
         up = F.linear(x, self.gate_up.weight[h:])
-        return self.down(F.silu(gate) * up)
+        return self.down(silu_mul(gate, up, fused=self.fused_kernels))
 
 
 def _mm_dtype(x: torch.Tensor) -> torch.dtype:
@@ -106,6 +108,7 @@ class RoutedExperts(nn.Module):
         self.n_experts, self.width, self.hidden = n_experts, width, hidden
         self.dropout, self.impl = dropout, impl
         self.split_gate_up = True  # grouped_mm: gate and up as two products; False = one (A/B timing)
+        self.fused_kernels = True  # Triton silu * up * scale at inference on CUDA (moe_lm.fused); off for A/B
         self.w_gate_up = nn.Parameter(torch.empty(n_experts, width, 2 * hidden))  # x @ w -> [gate, up]
         self.w_down = nn.Parameter(torch.empty(n_experts, hidden, width))
         nn.init.normal_(self.w_gate_up, std=0.02)
@@ -121,36 +124,39 @@ class RoutedExperts(nn.Module):
             )
         return "grouped_mm" if self.impl == "grouped_mm" or (self.impl == "auto" and ok) else "padded_bmm"
 
-    def forward(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, offs: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """x: (M, C) rows sorted by expert; offs: (E,) int32, the end row of each expert's group
-        (offs[-1] == M; equal neighbours = an empty group). Returns (M, C)."""
+        (offs[-1] == M; equal neighbours = an empty group); scale: (M,) weights of the rows' outputs
+        (the router's), or None. Returns (M, C)."""
         if x.shape[0] == 0:
             return x.new_zeros(0, self.width)
         if self.resolve_impl(x) == "grouped_mm":
-            return self._grouped_mm(x, offs)
-        return self._padded_bmm(x, offs)
+            return self._grouped_mm(x, offs, scale)
+        y = self._padded_bmm(x, offs)
+        return y if scale is None else y * scale[:, None].to(y.dtype)
 
-    def all_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Every expert on every row: x (N, C) -> (E, N, C), as batched products (inference, few rows)."""
+    def all_tokens(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Every expert on every row, weighted: x (N, C), scale (E, N) -> (E, N, C), as batched
+        products (inference, few rows). A zero scale gives an exact zero row."""
         dtype, H = _mm_dtype(x), self.hidden
         w = self.w_gate_up.to(dtype)
         xs = x.to(dtype).expand(self.n_experts, *x.shape)
-        h = F.silu(torch.bmm(xs, w[:, :, :H])) * torch.bmm(xs, w[:, :, H:])  # (E, N, H)
+        h = silu_mul(torch.bmm(xs, w[:, :, :H]), torch.bmm(xs, w[:, :, H:]), scale, self.fused_kernels)  # (E, N, H)
         return torch.bmm(h, self.w_down.to(dtype))
 
-    def _activate(self, gate_up: torch.Tensor) -> torch.Tensor:
-        gate, up = gate_up.chunk(2, dim=-1)
-        return F.dropout(F.silu(gate) * up, p=self.dropout, training=self.training)
+    def _activate(self, gate: torch.Tensor, up: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        h = silu_mul(gate, up, scale, self.fused_kernels)
+        return F.dropout(h, p=self.dropout, training=self.training)
 
-    def _grouped_mm(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    def _grouped_mm(self, x: torch.Tensor, offs: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
         dtype, H = _mm_dtype(x), self.hidden
         x, w = x.to(dtype), self.w_gate_up.to(dtype)
         if self.split_gate_up:  # contiguous gate and up (see SwiGLU.forward)
             gate = _contiguous_grad(torch._grouped_mm(x, w[:, :, :H], offs=offs))  # (M, H)
             up = _contiguous_grad(torch._grouped_mm(x, w[:, :, H:], offs=offs))
-            h = F.dropout(F.silu(gate) * up, p=self.dropout, training=self.training)
         else:
-            h = self._activate(_contiguous_grad(torch._grouped_mm(x, w, offs=offs)))  # (M, H)
+            gate, up = _contiguous_grad(torch._grouped_mm(x, w, offs=offs)).chunk(2, dim=-1)  # (M, H) each
+        h = self._activate(gate, up, scale)
         return _contiguous_grad(torch._grouped_mm(h, self.w_down.to(dtype), offs=offs))  # (M, C)
 
     def _padded_bmm(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -161,6 +167,6 @@ class RoutedExperts(nn.Module):
         slot = torch.arange(M, device=x.device) - (ends - group_sizes)[expert]  # (M,) row inside its group
         P = int(group_sizes.max())
         padded = x.new_zeros(E, P, self.width).index_put((expert, slot), x)  # (E, P, C)
-        h = self._activate(torch.bmm(padded, self.w_gate_up.to(padded.dtype)))  # (E, P, H)
+        h = self._activate(*torch.bmm(padded, self.w_gate_up.to(padded.dtype)).chunk(2, dim=-1))  # (E, P, H)
         y = torch.bmm(h, self.w_down.to(h.dtype))  # (E, P, C)
         return y[expert, slot]  # (M, C)

@@ -10,6 +10,7 @@ from torch import nn
 
 from lineinspect.moe_lm.config import DecoderConfig
 from lineinspect.moe_lm.experts import RoutedExperts, SwiGLU
+from lineinspect.moe_lm.fused import gather_sum
 from lineinspect.moe_lm.router import Router, RouterOutput
 
 
@@ -33,14 +34,15 @@ class MoEBlock(nn.Module):
     """x (B, T, C) -> (B, T, C): sum of top-k routed experts weighted by the router, plus shared experts.
 
     Dispatch, all on the device with static shapes (no host sync, so the block runs under a CUDA
-    graph): the N * k (token, slot) assignments are sorted by expert (stable, so within an expert the
-    earlier token in flattened B*T order comes first); each group's bounds are searched in the
-    sorted experts; the token rows are gathered in that order and all experts run grouped. The
-    results go back to (token, slot) order through the inverse permutation (a gather, not an
-    atomic scatter-add), and each token's k rows are weighted and added onto the shared experts'
-    output element-wise. At inference with few tokens (decoding steps, tokens x experts <=
-    `dense_dispatch_rows`) every expert runs on every token instead, with no sort at all. On a GPU
-    at inference the shared experts run on a side stream while the routing and experts run.
+    graph): the N * k (token, slot) assignments are placed in expert order by counting (within an
+    expert the earlier token in flattened B*T order comes first); the token rows are gathered in
+    that order and all experts run grouped, each row's router weight folded into its expert's
+    hidden activation. The outputs go back to token order by a gather (not an atomic scatter-add)
+    and each token's k rows are summed onto the shared experts' output (`moe_lm.fused`: one Triton
+    kernel each for the activation and the return at inference on CUDA). At inference with few
+    tokens (decoding steps, tokens x experts <= `dense_dispatch_rows`) every expert runs on every
+    token instead, with no dispatch at all. On a GPU at
+    inference the shared experts run on a side stream while the routing and experts run.
 
     Capacity (training only): an expert keeps its first `capacity` assignments. The rest are
     counted in `MoEStats.overflow` and their router weight is zeroed: they still flow through the
@@ -62,6 +64,7 @@ class MoEBlock(nn.Module):
         self.shared = SwiGLU(config.width, shared_hidden) if config.n_shared_experts else None
         self.overlap_shared = True  # side stream for the shared experts (CUDA, no autograd); off for A/B timing
         self.dense_dispatch_rows = DENSE_DISPATCH_ROWS  # 0 = always sorted dispatch (A/B timing)
+        self.fused_kernels = True  # Triton gather-and-sum at inference on CUDA (moe_lm.fused); off for A/B timing
         self._side_stream: torch.cuda.Stream | None = None
 
     def __getstate__(self) -> dict:
@@ -74,65 +77,63 @@ class MoEBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         B, T, C = x.shape
         flat = x.reshape(-1, C)  # (N, C)
-        N, k, E = flat.shape[0], self.top_k, self.n_experts
+        N, E = flat.shape[0], self.n_experts
         side = self._shared_stream(flat)
-        if side is not None:  # the shared experts overlap the routing below
+        shared = None
+        if side is not None:  # the shared experts overlap the routing and routed experts below
             side.wait_stream(torch.cuda.current_stream(flat.device))
             with torch.cuda.stream(side):
                 shared = self.shared(flat)
+        elif self.shared is not None:
+            shared = self.shared(flat)
         route = self.router(flat)
-        if not self.training and N * E <= self.dense_dispatch_rows:
-            picked, counts = self._all_experts(flat, route.indices)
-            overflow, weight = torch.zeros_like(counts), route.weights
-        else:
-            picked, counts, overflow, keep = self._grouped(flat, route)
-            weight = route.weights if keep is None else route.weights * keep
-        if self.shared is None:
-            out = None
-        elif side is None:
-            out = self.shared(flat).to(picked.dtype)
-        else:
+        few = not self.training and N * E <= self.dense_dispatch_rows
+        rows, row_of, counts, overflow = (self._all_experts if few else self._grouped)(flat, route)
+        if side is not None:
             torch.cuda.current_stream(flat.device).wait_stream(side)
-            out = shared.to(picked.dtype)
-        w = weight.to(picked.dtype)
-        for j in range(k):  # out + sum_j w_j * y_j, element-wise (a batched (1 x k) product ran as a slow gemv)
-            y, wj = picked[:, j], w[:, j, None]
-            out = y * wj if out is None else torch.addcmul(out, y, wj)
+        out = gather_sum(shared, rows, row_of, self.fused_kernels)
         return out.view(B, T, C), MoEStats(route.logits, counts, overflow)
 
     def _grouped(self, flat: torch.Tensor, route: RouterOutput
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Sorted dispatch to the grouped experts -> (N, k, C) expert outputs per (token, slot), the
-        per-expert counts (E,) and overflow (E,), and in training with a capacity the (N, k) mask
-        of the assignments kept (None otherwise)."""
-        N, C = flat.shape
-        k, E = self.top_k, self.n_experts
-        # int32 keys: half the radix-sort passes of int64
-        expert, order = route.indices.reshape(-1).to(torch.int32).sort(stable=True)  # (M = N * k,)
-        groups = torch.arange(E + 1, device=flat.device, dtype=torch.int32)
-        bounds = torch.searchsorted(expert, groups, out_int32=True)  # (E + 1,) group starts, M
-        counts = (bounds[1:] - bounds[:-1]).long()  # (E,)
-        positions = torch.arange(N * k, device=flat.device)
-        inverse = torch.empty_like(order).scatter_(0, order, positions)  # sorted row of each assignment
-        overflow, keep = torch.zeros_like(counts), None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Dispatch by counting, then the grouped experts -> the (M = N * k, C) weighted expert
+        outputs in expert order, the (N, k) row of each token's assignments there, and the
+        per-expert counts (E,) and overflow (E,).
+
+        An assignment's place in its expert's group is the number of earlier assignments to that
+        expert: a running count over the one-hot choices (M x E, a few small kernels; a radix sort of
+        the expert ids cost ~25 us at 8,192 assignments on an H100)."""
+        (N, k), E = route.indices.shape, self.n_experts
+        M = N * k
+        expert = route.indices.reshape(-1)  # (M,) in (token, slot) order
+        seen = torch.zeros(M, E, dtype=torch.int32, device=flat.device).scatter_(1, expert[:, None], 1).cumsum(0)
+        counts = seen[-1].long()  # (E,)
+        rank = seen.gather(1, expert[:, None]).squeeze(1) - 1  # (M,) place in its expert's group
+        ends = counts.cumsum(0)  # (E,) end row of each group
+        row_of = (ends - counts).index_select(0, expert) + rank  # (M,)
+        order = torch.empty_like(row_of).scatter_(0, row_of, torch.arange(M, device=flat.device))  # inverse
+        weight, overflow = route.weights.reshape(-1), torch.zeros_like(counts)
         if self.training and self.capacity_factor is not None:
             capacity = expert_capacity(self.capacity_factor, N, k, E)
-            rank = positions - bounds.index_select(0, expert)  # place in its group, sorted order
-            keep = (rank < capacity).index_select(0, inverse).view(N, k)
+            weight = weight * (rank < capacity)
             overflow = (counts - capacity).clamp(min=0)
-        y = self.experts(flat.index_select(0, order // k), bounds[1:])  # (M, C), sorted order
-        return y.index_select(0, inverse).view(N, k, C), counts, overflow, keep
+        rows = self.experts(flat.index_select(0, order // k), ends.to(torch.int32), weight.index_select(0, order))
+        return rows, row_of.view(N, k), counts, overflow
 
-    def _all_experts(self, flat: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Few tokens (decoding): every expert on every token as batched products, then each
-        token's k picked -> (N, k, C), per-expert counts. E/k times the FLOPs, but at a few dozen
-        tokens the experts' weights are read once either way and no sort or scatter runs."""
+    def _all_experts(self, flat: torch.Tensor, route: RouterOutput
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Few tokens (decoding): every expert on every token as batched products, no dispatch ->
+        the (E * N, C) outputs (expert e's for token n at row e * N + n, weighted by its router
+        weight where picked), the (N, k) rows of each token's picks, per-expert counts, no overflow.
+        E/k times the FLOPs, but at a few dozen tokens the experts' weights are read once either way."""
         N, E = flat.shape[0], self.n_experts
-        y = self.experts.all_tokens(flat)  # (E, N, C)
-        picked = y[indices, torch.arange(N, device=flat.device)[:, None]]  # (N, k, C)
+        scale = torch.zeros(N, E, device=flat.device, dtype=route.weights.dtype).scatter_(
+            1, route.indices, route.weights)  # (N, E), zero where not picked
+        rows = self.experts.all_tokens(flat, scale.t()).view(E * N, -1)
+        row_of = route.indices * N + torch.arange(N, device=flat.device)[:, None]  # (N, k)
         counts = torch.zeros(E, dtype=torch.long, device=flat.device).index_add_(
-            0, indices.reshape(-1), torch.ones_like(indices.reshape(-1)))
-        return picked, counts
+            0, route.indices.reshape(-1), torch.ones_like(route.indices.reshape(-1)))
+        return rows, row_of, counts, torch.zeros_like(counts)
 
     def _shared_stream(self, flat: torch.Tensor) -> torch.cuda.Stream | None:
         """The side stream for the shared experts, where it pays and is safe: CUDA, no autograd."""

@@ -1,0 +1,85 @@
+"""The fused element-wise kernels of the MoE block against eager PyTorch (their oracle).
+
+Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported, hence a subprocess) runs
+the very kernels on CPU tensors, so their indexing and masking are checked on every machine; the
+CUDA test checks the compiled kernels inside the block."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lineinspect.moe_lm.config import preset
+from lineinspect.moe_lm.fused import gather_sum, set_fused_kernels, silu_mul, use_triton
+from lineinspect.moe_lm.moe import MoEBlock
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_eager_silu_mul_and_gather_sum_by_hand() -> None:
+    gate, up = torch.tensor([[0.0, 1.0], [2.0, -1.0]]), torch.tensor([[3.0, 2.0], [1.0, 4.0]])
+    scale = torch.tensor([1.0, 0.5])
+    expected = torch.stack([F.silu(gate[0]) * up[0], 0.5 * F.silu(gate[1]) * up[1]])
+    torch.testing.assert_close(silu_mul(gate, up, scale), expected)
+    rows, index, base = torch.arange(8.0).view(4, 2), torch.tensor([[3, 0], [1, 1]]), torch.ones(2, 2)
+    torch.testing.assert_close(gather_sum(base, rows, index), torch.tensor([[7.0, 9.0], [5.0, 7.0]]))
+    torch.testing.assert_close(gather_sum(None, rows, index), torch.tensor([[6.0, 8.0], [4.0, 6.0]]))
+
+
+def test_triton_only_for_cuda_tensors_without_gradients() -> None:
+    x = torch.ones(2, 3)
+    assert not use_triton(x)  # CPU
+    assert not use_triton(None, x)
+
+
+INTERPRETED = textwrap.dedent("""
+    import torch
+    from lineinspect.moe_lm import fused
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 4e-2)):
+        gate_up = torch.randn(7, 2 * 1500).to(dtype)  # H = 1500: two column blocks, the second masked
+        gate, up = gate_up[:, :1500], gate_up[:, 1500:]  # strided halves, as one gate-up GEMM gives them
+        scale = torch.rand(7)
+        for s in (scale, None):
+            got = fused._silu_mul_triton(gate, up, s)
+            assert got.dtype == dtype and got.is_contiguous()
+            torch.testing.assert_close(got.float(), fused.silu_mul(gate, up, s).float(), rtol=tol, atol=tol)
+        batched = torch.randn(3, 4, 1500).to(dtype)  # (E, N, H) from batched products, scale (E, N)
+        torch.testing.assert_close(fused._silu_mul_triton(batched, batched, scale[:6].view(3, 2).repeat(1, 2)).float(),
+                                   fused.silu_mul(batched, batched, scale[:6].view(3, 2).repeat(1, 2)).float(),
+                                   rtol=tol, atol=tol)
+        rows, base = torch.randn(10, 1100).to(dtype), torch.randn(5, 1100).to(dtype)
+        index = torch.tensor([[9, 0], [3, 3], [1, 8], [2, 7], [6, 5]])
+        for b in (base, None):
+            torch.testing.assert_close(fused._gather_sum_triton(b, rows, index).float(),
+                                       fused.gather_sum(b, rows, index).float(), rtol=tol, atol=tol)
+    print("ok")
+""")
+
+
+def test_triton_kernels_match_eager_in_the_interpreter() -> None:
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+@needs_cuda
+@pytest.mark.parametrize("tokens", [48, 700])  # every-expert dispatch, grouped dispatch
+def test_block_with_fused_kernels_matches_eager_on_cuda(tokens: int) -> None:
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    block = MoEBlock(preset("tiny", width=128, n_heads=4, expert_hidden=256)).cuda().to(torch.bfloat16).eval()
+    x = torch.randn(2, tokens, 128, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        fused_out, fused_stats = block(x)
+        set_fused_kernels(block, False)
+        eager_out, eager_stats = block(x)
+    torch.testing.assert_close(fused_out.float(), eager_out.float(), rtol=2e-2, atol=2e-2)
+    assert torch.equal(fused_stats.counts, eager_stats.counts)
