@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: the MoE layer (bench/gpu.py --only-moe) and l14 generation (--only-generation)
-# with this checkout's moe_lm against older versions of some of its files, new, old, new again on
+# (GENERATION=1, not in the third run) with this checkout's moe_lm against older versions of some of its files, new, old, new again on
 # the same machine (the drift shows); then the CUDA tests of moe_lm.
 # OLD (default runs/ab_old, carried) holds the old files at their repo paths, e.g.
 # `mkdir -p runs/ab_old/moe_lm && git show REV:moe_lm/moe.py > runs/ab_old/moe_lm/moe.py`.
@@ -11,11 +11,12 @@ swapped=$(cd "$OLD" && find . -type f -name '*.py' | sed 's|^\./||')
 run() {  # label: the MoE layer and generation into $OUT/moe_<label>.jsonl, the ratio rows into the log
   timeout 120 python3 bench/gpu.py --only-moe --out "$OUT/moe_$1.jsonl" > "/tmp/moe_$1.txt" 2>&1
   grep -E "/ dense|CUDA graph \||element-wise \||tok fwd, CUDA graph" "/tmp/moe_$1.txt" | cut -c1-150 >> "$OUT/log.txt"
-  if [ -n "${GENERATION:-}" ]; then
-    timeout 120 python3 bench/gpu.py --only-generation --gen-batches 1 32 --out "$OUT/moe_$1.jsonl" > "/tmp/gen_$1.txt" 2>&1
-    grep -i "token" "/tmp/gen_$1.txt" | cut -c1-150 >> "$OUT/log.txt"
-  fi
   log "$1 done"
+  if [ -n "${GENERATION:-}" ] && [ "$1" != new2 ]; then  # l14 report generation, batches 1 and 32
+    timeout 150 python3 bench/gpu.py --only-generation --gen-batches 1 32 --out "$OUT/moe_$1.jsonl" > "/tmp/gen_$1.txt" 2>&1
+    grep -i "generate" "/tmp/gen_$1.txt" | cut -c1-200 >> "$OUT/log.txt"
+    log "$1 generation done"
+  fi
 }
 run new
 mkdir -p /tmp/ab_new
