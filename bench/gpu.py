@@ -691,6 +691,14 @@ def decoder_section(rec: Recorder, plan: Plan, device: torch.device, model: Defe
                               plan.prompt_len, 1, device, plan)
         rec.measure(f"report generate {plan.new_tokens} tokens b{batch}", generation_entry, report, evidence,
                     plan.prompt_len, plan.new_tokens, device, plan, prefill and prefill["median_ms"])
+        if device.type == "cuda":  # the A/B of the Triton element-wise kernels (moe_lm.fused) when decoding
+            set_fused_kernels(report, False)
+            prefill = rec.measure(f"report prefill + 1 token b{batch}, eager element-wise", generation_entry, report,
+                                  evidence, plan.prompt_len, 1, device, plan)
+            rec.measure(f"report generate {plan.new_tokens} tokens b{batch}, eager element-wise", generation_entry,
+                        report, evidence, plan.prompt_len, plan.new_tokens, device, plan,
+                        prefill and prefill["median_ms"])
+            set_fused_kernels(report, True)
 
 
 # --------------------------------------------------------------------------- main

@@ -101,14 +101,17 @@ class MoEBlock(nn.Module):
         per-expert counts (E,) and overflow (E,).
 
         An assignment's place in its expert's group is the number of earlier assignments to that
-        expert: a running count over the one-hot choices (M x E, a few small kernels; a radix sort of
+        expert: a running count over the one-hot choices (E x M, a few small kernels; a radix sort of
         the expert ids cost ~25 us at 8,192 assignments on an H100)."""
         (N, k), E = route.indices.shape, self.n_experts
         M = N * k
         expert = route.indices.reshape(-1)  # (M,) in (token, slot) order
-        seen = torch.zeros(M, E, dtype=torch.int32, device=flat.device).scatter_(1, expert[:, None], 1).cumsum(0)
-        counts = seen[-1].long()  # (E,)
-        rank = seen.gather(1, expert[:, None]).squeeze(1) - 1  # (M,) place in its expert's group
+        # (E, M), scanned along its inner dim: the scan along an outer dim of (M, E) ran one thread per
+        # column, 1.4 ms at 8,192 assignments on an H100
+        chosen = torch.zeros(E, M, dtype=torch.int32, device=flat.device).scatter_(0, expert[None], 1)
+        seen = chosen.cumsum(1, dtype=torch.int32)  # (E, M): assignments to each expert so far
+        counts = seen[:, -1].long()  # (E,)
+        rank = seen.gather(0, expert[None]).squeeze(0) - 1  # (M,) place in its expert's group
         ends = counts.cumsum(0)  # (E,) end row of each group
         row_of = (ends - counts).index_select(0, expert) + rank  # (M,)
         order = torch.empty_like(row_of).scatter_(0, row_of, torch.arange(M, device=flat.device))  # inverse
