@@ -88,10 +88,16 @@ class MoEBlock(nn.Module):
             shared = self.shared(flat)
         route = self.router(flat)
         few = not self.training and N * E <= self.dense_dispatch_rows
-        rows, row_of, counts, overflow = (self._all_experts if few else self._grouped)(flat, route)
+        if few:
+            routed, counts, overflow = self._all_experts(flat, route)
+        else:
+            rows, row_of, counts, overflow = self._grouped(flat, route)
         if side is not None:
             torch.cuda.current_stream(flat.device).wait_stream(side)
-        out = gather_sum(shared, rows, row_of, self.fused_kernels)
+        if few:
+            out = routed if shared is None else routed + shared.to(routed.dtype)
+        else:
+            out = gather_sum(shared, rows, row_of, self.fused_kernels)
         return out.view(B, T, C), MoEStats(route.logits, counts, overflow)
 
     def _grouped(self, flat: torch.Tensor, route: RouterOutput
@@ -124,19 +130,19 @@ class MoEBlock(nn.Module):
         return rows, row_of.view(N, k), counts, overflow
 
     def _all_experts(self, flat: torch.Tensor, route: RouterOutput
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Few tokens (decoding): every expert on every token as batched products, no dispatch ->
-        the (E * N, C) outputs (expert e's for token n at row e * N + n, weighted by its router
-        weight where picked), the (N, k) rows of each token's picks, per-expert counts, no overflow.
-        E/k times the FLOPs, but at a few dozen tokens the experts' weights are read once either way."""
+        the router-weighted sum of each token's picks (N, C), per-expert counts, no overflow. E/k
+        times the FLOPs, but at a few dozen tokens the experts' weights are read once either way;
+        the whole step is a handful of kernels, which is what eager decoding is bound by."""
         N, E = flat.shape[0], self.n_experts
-        scale = torch.zeros(N, E, device=flat.device, dtype=route.weights.dtype).scatter_(
-            1, route.indices, route.weights)  # (N, E), zero where not picked
-        rows = self.experts.all_tokens(flat, scale.t()).view(E * N, -1)
-        row_of = route.indices * N + torch.arange(N, device=flat.device)[:, None]  # (N, k)
+        y = self.experts.all_tokens(flat)  # (E, N, C)
+        scale = torch.zeros(E, N, device=flat.device, dtype=y.dtype).scatter_(
+            0, route.indices.t(), route.weights.t().to(y.dtype))  # (E, N), zero where not picked
+        routed = (y * scale[:, :, None]).sum(0)  # (N, C)
         counts = torch.zeros(E, dtype=torch.long, device=flat.device).index_add_(
             0, route.indices.reshape(-1), torch.ones_like(route.indices.reshape(-1)))
-        return rows, row_of, counts, torch.zeros_like(counts)
+        return routed, counts, torch.zeros_like(counts)
 
     def _shared_stream(self, flat: torch.Tensor) -> torch.cuda.Stream | None:
         """The side stream for the shared experts, where it pays and is safe: CUDA, no autograd."""

@@ -15,8 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lineinspect.moe_lm import fused
 from lineinspect.moe_lm.config import preset
-from lineinspect.moe_lm.fused import gather_sum, set_fused_kernels, silu_mul, use_triton
+from lineinspect.moe_lm.fused import EAGER_MIN_ELEMENTS, gather_sum, set_fused_kernels, silu_mul, use_triton
 from lineinspect.moe_lm.moe import MoEBlock
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -32,10 +33,10 @@ def test_eager_silu_mul_and_gather_sum_by_hand() -> None:
     torch.testing.assert_close(gather_sum(None, rows, index), torch.tensor([[6.0, 8.0], [4.0, 6.0]]))
 
 
-def test_triton_only_for_cuda_tensors_without_gradients() -> None:
+def test_triton_only_for_cuda_tensors() -> None:
     x = torch.ones(2, 3)
-    assert not use_triton(x)  # CPU
-    assert not use_triton(None, x)
+    assert not use_triton(x, numel=1 << 30)  # CPU
+    assert not use_triton(None, x, numel=1 << 30)
 
 
 INTERPRETED = textwrap.dedent("""
@@ -71,9 +72,19 @@ def test_triton_kernels_match_eager_in_the_interpreter() -> None:
 
 
 @needs_cuda
+def test_triton_pays_for_large_work_or_under_graph_capture_and_never_for_gradients() -> None:
+    x = torch.ones(4, device="cuda")
+    assert use_triton(x, numel=EAGER_MIN_ELEMENTS) and not use_triton(x, numel=EAGER_MIN_ELEMENTS - 1)
+    assert not use_triton(x.requires_grad_(), numel=EAGER_MIN_ELEMENTS)
+    with torch.no_grad():
+        assert use_triton(x, numel=EAGER_MIN_ELEMENTS)
+
+
+@needs_cuda
 @pytest.mark.parametrize("tokens", [48, 700])  # every-expert dispatch, grouped dispatch
-def test_block_with_fused_kernels_matches_eager_on_cuda(tokens: int) -> None:
+def test_block_with_fused_kernels_matches_eager_on_cuda(tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("triton")
+    monkeypatch.setattr(fused, "EAGER_MIN_ELEMENTS", 0)  # small test sizes take the Triton kernels too
     torch.manual_seed(0)
     block = MoEBlock(preset("tiny", width=128, n_heads=4, expert_hidden=256)).cuda().to(torch.bfloat16).eval()
     x = torch.randn(2, tokens, 128, device="cuda", dtype=torch.bfloat16)
