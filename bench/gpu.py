@@ -602,10 +602,12 @@ def moe_section(rec: Recorder, plan: Plan, device: torch.device) -> None:
                 cuda_measure(rec, f"MoE grouped_mm {n_tokens} tok fwd, CUDA graph, shared on the main stream",
                              device, forward_only, moe, x, device, plan, flops, graph=True)
                 block.overlap_shared = True
-                block.experts.split_gate_up = False  # the A/B of gate and up as two grouped GEMMs
-                cuda_measure(rec, f"MoE grouped_mm {n_tokens} tok fwd, CUDA graph, gate-up as one GEMM",
+                split = block.experts.split_gate_up  # the A/B of gate and up as one or two grouped GEMMs
+                block.experts.split_gate_up = split is None or not split  # None: one GEMM here (Triton activation)
+                other = "two GEMMs" if block.experts.split_gate_up else "one GEMM"
+                cuda_measure(rec, f"MoE grouped_mm {n_tokens} tok fwd, CUDA graph, gate-up as {other}",
                              device, forward_only, moe, x, device, plan, flops, graph=True)
-                block.experts.split_gate_up = True
+                block.experts.split_gate_up = split
                 set_fused_kernels(block, False)  # the A/B of the Triton element-wise kernels (moe_lm.fused)
                 cuda_measure(rec, f"MoE grouped_mm {n_tokens} tok fwd, CUDA graph, eager element-wise",
                              device, forward_only, moe, x, device, plan, flops, graph=True)

@@ -10,7 +10,7 @@ OLD=${OLD:-runs/ab_old}
 swapped=$(cd "$OLD" && find . -type f -name '*.py' | sed 's|^\./||')
 run() {  # label: the MoE layer and generation into $OUT/moe_<label>.jsonl, the ratio rows into the log
   timeout 120 python3 bench/gpu.py --only-moe --out "$OUT/moe_$1.jsonl" > "/tmp/moe_$1.txt" 2>&1
-  grep -E "/ dense|CUDA graph \||element-wise \||tok fwd, CUDA graph" "/tmp/moe_$1.txt" | cut -c1-150 >> "$OUT/log.txt"
+  grep -E "/ dense|CUDA graph \||element-wise \||tok fwd, CUDA graph|GEMMs? \|" "/tmp/moe_$1.txt" | cut -c1-150 >> "$OUT/log.txt"
   log "$1 done"
   if [ -n "${GENERATION:-}" ] && [ "$1" != new2 ]; then  # l14 report generation, batches 1 and 32
     timeout 150 python3 bench/gpu.py --only-generation --gen-batches 1 32 --out "$OUT/moe_$1.jsonl" > "/tmp/gen_$1.txt" 2>&1

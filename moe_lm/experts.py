@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lineinspect.errors import LineInspectError
-from lineinspect.moe_lm.fused import silu_mul, use_triton
+from lineinspect.moe_lm.fused import silu_mul, silu_mul_key, use_triton
 
 
 class SwiGLU(nn.Module):
@@ -154,8 +154,9 @@ class RoutedExperts(nn.Module):
         dtype, H = _mm_dtype(x), self.hidden
         x, w = x.to(dtype), self.w_gate_up.to(dtype)
         split = self.split_gate_up
-        if split is None:
-            split = not (self.fused_kernels and use_triton(x, numel=x.shape[0] * H))
+        if split is None:  # one product if the activation will run in Triton on its halves
+            halves = silu_mul_key(dtype, scale is not None, H, 2 * H, 2 * H)  # of one (M, 2H) product
+            split = not (self.fused_kernels and use_triton(halves, x, numel=x.shape[0] * H))
         if split:
             gate = _contiguous_grad(torch._grouped_mm(x, w[:, :, :H], offs=offs))  # (M, H)
             up = _contiguous_grad(torch._grouped_mm(x, w[:, :, H:], offs=offs))

@@ -36,18 +36,27 @@ BLOCK = 1024  # columns per program: C and H of the presets are multiples of it 
 # (l14 decoding on an H100: 13.8 ms a step with Triton, 12.7 without). It does pay once the work
 # keeps the GPU busier than the host: 8M elements (16 MB in bf16, ~5 us of memory traffic per pass).
 EAGER_MIN_ELEMENTS = 1 << 23
+# Kernel variants (name, device, dtype, flags, strides) already compiled and loaded in this process.
+# Loading a module is not allowed while a CUDA graph is being captured, so a capture uses a variant
+# only if an eager call (the warm-up every capture starts with) has loaded it: eager calls load each
+# variant on first sight, whatever their size. A fact about the process, like a compile cache.
+_loaded: set[tuple] = set()
 
 
-def use_triton(*tensors: torch.Tensor | None, numel: int) -> bool:
-    """Triton runs here and pays: installed, CUDA tensors, no gradient to compute through them,
-    and either a CUDA graph being captured (launch costs vanish on replay) or `numel` elements of
-    work at least EAGER_MIN_ELEMENTS."""
+def use_triton(key: tuple, *tensors: torch.Tensor | None, numel: int) -> bool:
+    """Whether the Triton kernel variant `key` runs on these tensors: Triton installed, CUDA
+    tensors, no gradient to compute through them; then, while a CUDA graph is captured, if the
+    variant is loaded (launch costs vanish on replay), and otherwise if `numel` elements of work
+    reach EAGER_MIN_ELEMENTS or the variant is not loaded yet. Asking changes nothing."""
     present = [t for t in tensors if t is not None]
     if triton is None or not present[0].is_cuda:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in present):
         return False
-    return numel >= EAGER_MIN_ELEMENTS or torch.cuda.is_current_stream_capturing()
+    loaded = (*key, present[0].device) in _loaded
+    if torch.cuda.is_current_stream_capturing():
+        return loaded
+    return numel >= EAGER_MIN_ELEMENTS or not loaded
 
 
 def set_fused_kernels(module: nn.Module, enabled: bool) -> None:
@@ -61,19 +70,31 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, scale: torch.Tensor | None = 
              fused: bool = True) -> torch.Tensor:
     """silu(gate) * up, times scale per row if given. gate, up: (..., H), last dim contiguous;
     scale: gate.shape[:-1]. Returns a new contiguous (..., H) tensor in gate's dtype."""
-    if fused and use_triton(gate, up, scale, numel=gate.numel()):
-        return _silu_mul_triton(gate, up, scale)
+    key = silu_mul_key(gate.dtype, scale is not None, gate.shape[-1], gate.stride(-2), up.stride(-2))
+    if fused and use_triton(key, gate, up, scale, numel=gate.numel()):
+        out = _silu_mul_triton(gate, up, scale)
+        _loaded.add((*key, gate.device))
+        return out
     h = F.silu(gate) * up
     return h if scale is None else h * scale.unsqueeze(-1).to(h.dtype)
 
 
 def gather_sum(base: torch.Tensor | None, rows: torch.Tensor, index: torch.Tensor, fused: bool = True) -> torch.Tensor:
     """base + rows[index].sum(1): base (N, C) or None, rows (M, C), index (N, k) int -> (N, C) in rows' dtype."""
-    if fused and use_triton(base, rows, numel=index.numel() * rows.shape[-1]):
-        return _gather_sum_triton(base, rows, index)
+    key = ("gather_sum", rows.dtype, base is not None, index.shape[1], rows.shape[-1] % 16)
+    if fused and use_triton(key, base, rows, numel=index.numel() * rows.shape[-1]):
+        out = _gather_sum_triton(base, rows, index)
+        _loaded.add((*key, rows.device))
+        return out
     N, k = index.shape
     out = rows.index_select(0, index.reshape(-1)).view(N, k, -1).sum(1)
     return out if base is None else base.to(rows.dtype) + out
+
+
+def silu_mul_key(dtype: torch.dtype, scaled: bool, width: int, gate_stride: int, up_stride: int) -> tuple:
+    """What Triton compiles a variant of the silu_mul kernel for: dtype, scale or not, and whether
+    the width and row strides are multiples of 16 (it specialises integer arguments on that)."""
+    return ("silu_mul", dtype, scaled, width % 16, gate_stride % 16, up_stride % 16)
 
 
 def _silu_mul_triton(gate: torch.Tensor, up: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:

@@ -17,8 +17,16 @@ import torch.nn.functional as F
 
 from lineinspect.moe_lm import fused
 from lineinspect.moe_lm.config import preset
-from lineinspect.moe_lm.fused import EAGER_MIN_ELEMENTS, gather_sum, set_fused_kernels, silu_mul, use_triton
+from lineinspect.moe_lm.fused import (
+    EAGER_MIN_ELEMENTS,
+    gather_sum,
+    set_fused_kernels,
+    silu_mul,
+    silu_mul_key,
+    use_triton,
+)
 from lineinspect.moe_lm.moe import MoEBlock
+from lineinspect.vision.cuda_graphs import capture_graph
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -35,8 +43,8 @@ def test_eager_silu_mul_and_gather_sum_by_hand() -> None:
 
 def test_triton_only_for_cuda_tensors() -> None:
     x = torch.ones(2, 3)
-    assert not use_triton(x, numel=1 << 30)  # CPU
-    assert not use_triton(None, x, numel=1 << 30)
+    assert not use_triton(("silu_mul",), x, numel=1 << 30)  # CPU
+    assert not use_triton(("silu_mul",), None, x, numel=1 << 30)
 
 
 INTERPRETED = textwrap.dedent("""
@@ -72,12 +80,31 @@ def test_triton_kernels_match_eager_in_the_interpreter() -> None:
 
 
 @needs_cuda
-def test_triton_pays_for_large_work_or_under_graph_capture_and_never_for_gradients() -> None:
-    x = torch.ones(4, device="cuda")
-    assert use_triton(x, numel=EAGER_MIN_ELEMENTS) and not use_triton(x, numel=EAGER_MIN_ELEMENTS - 1)
-    assert not use_triton(x.requires_grad_(), numel=EAGER_MIN_ELEMENTS)
+def test_triton_runs_where_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fused, "_loaded", set())
+    x, key = torch.ones(4, device="cuda"), ("variant",)
+    assert use_triton(key, x, numel=1)  # not loaded yet: the first eager call loads it, whatever its size
+    fused._loaded.add((*key, x.device))
+    assert not use_triton(key, x, numel=EAGER_MIN_ELEMENTS - 1)  # loaded, small, eager: launch-bound
+    assert use_triton(key, x, numel=EAGER_MIN_ELEMENTS)
+    w = x.clone().requires_grad_()
+    assert not use_triton(key, w, numel=EAGER_MIN_ELEMENTS)  # no backward
     with torch.no_grad():
-        assert use_triton(x, numel=EAGER_MIN_ELEMENTS)
+        assert use_triton(key, w, numel=EAGER_MIN_ELEMENTS)
+
+
+@needs_cuda
+def test_a_graph_capture_uses_the_kernels_its_warm_up_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("triton")
+    monkeypatch.setattr(fused, "_loaded", set())
+    gate, up = torch.randn(2, 8, 256, device="cuda", dtype=torch.bfloat16).unbind(0)
+    with torch.no_grad():
+        graph, out = capture_graph(lambda: silu_mul(gate, up), gate.device)
+        key = (*silu_mul_key(torch.bfloat16, False, 256, 256, 256), gate.device)
+        assert key in fused._loaded  # the warm-up loaded it; the capture then used it
+        gate.copy_(torch.randn_like(gate))
+        graph.replay()
+        torch.testing.assert_close(out.float(), (F.silu(gate.float()) * up.float()), rtol=2e-2, atol=2e-2)
 
 
 @needs_cuda
