@@ -6,7 +6,8 @@ passes the groups as ``offs``, the (E,) int32 end row of each expert's group, co
 
 * ``grouped_mm``: ``torch._grouped_mm(x (M, C), w (E, C, N), offs)`` multiplies each contiguous
   row group by its expert's matrix in one kernel, with no padding and no host sync: gate and up
-  are one grouped GEMM, then SwiGLU, then the down GEMM. Nothing on this path reads a device value
+  (one grouped GEMM, or two), the SwiGLU activation times each row's router weight (``moe_lm.fused``),
+  then the down GEMM. Nothing on this path reads a device value
   on the host, so it runs under a CUDA graph. It exists in recent torch, needs every row stride to
   be a multiple of 16 bytes, and has kernels for a set of devices and dtypes that grows with each
   release (bf16 on Hopper first; on torch 2.11 an H200 also ran fp16 and fp32, and CPU ran all
