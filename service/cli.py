@@ -11,7 +11,8 @@ from lineinspect import __version__
 from lineinspect.errors import LineInspectError
 
 # Each module in lineinspect.service.commands exposes register(subparsers).
-COMMANDS = ("synth", "train", "distill", "quantize", "evaluate", "predict", "serve", "stream", "audit", "ask", "demo")
+COMMANDS = ("synth", "train", "distill", "quantize", "evaluate", "calibrate", "predict", "serve", "stream", "audit",
+            "ask", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,69 @@
+"""`lineinspect calibrate`: the threshold for a false-reject rate on a folder of good parts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from lineinspect.service.cli import main
+from lineinspect.training.recalibrate import score_images
+from lineinspect.vision.inspector import Calibration
+from lineinspect.vision.model_io import load_inspector, read_model_config, save_model_dir, untrained_inspector
+
+
+def write_images(folder: Path, n: int, seed: int) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    (folder / "sub").mkdir(parents=True)
+    paths = []
+    for i in range(n):
+        image = cv2.GaussianBlur(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), (5, 5), rng.uniform(0.5, 3))
+        path = folder / ("sub" if i % 2 else "") / f"{i:03d}.png"
+        cv2.imwrite(str(path), image)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture()
+def model_dir(tmp_path: Path) -> Path:
+    return save_model_dir(tmp_path / "model", untrained_inspector("tiny").model, Calibration(threshold=0.5))
+
+
+def test_calibrate_sets_the_threshold_for_the_false_reject_rate(model_dir: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    good = write_images(tmp_path / "good", 20, seed=0)
+    write_images(tmp_path / "defects", 4, seed=1)
+    assert main(["calibrate", "--model", str(model_dir), "--good", str(tmp_path / "good"),
+                 "--defects", str(tmp_path / "defects"), "--target-frr", "0.1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    scores = np.sort(score_images(load_inspector(model_dir), good))  # subfolders included
+    threshold = load_inspector(model_dir).calibration.threshold
+    assert threshold == pytest.approx(result["new_threshold"], abs=1e-5) and result["written"]
+    assert (scores >= threshold).sum() == 2 and scores[-3] < threshold  # floor(0.1 * 20) rejected
+    assert result["n_good"] == 20 and result["n_defect"] == 4 and result["frr_at_new"] == pytest.approx(0.1)
+    assert result["old_threshold"] == 0.5 and result["recall_at_new"] is not None
+    notes = read_model_config(model_dir)["calibration"]["notes"]["recalibrated"]
+    assert notes["new_threshold"] == result["new_threshold"] and notes["target_frr"] == 0.1
+
+
+def test_a_dry_run_writes_nothing(model_dir: Path, tmp_path: Path) -> None:
+    write_images(tmp_path / "good", 6, seed=0)
+    before = (model_dir / "config.json").read_bytes()
+    assert main(["calibrate", "--model", str(model_dir), "--good", str(tmp_path / "good"), "--dry-run"]) == 0
+    assert (model_dir / "config.json").read_bytes() == before
+
+
+def test_bad_inputs_are_named(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "empty").mkdir()
+    assert main(["calibrate", "--model", str(model_dir), "--good", str(tmp_path / "empty")]) == 2
+    assert "no images" in capsys.readouterr().err
+    write_images(tmp_path / "good", 3, seed=0)
+    (tmp_path / "good" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert main(["calibrate", "--model", str(model_dir), "--good", str(tmp_path / "good")]) == 2
+    assert "broken.png" in capsys.readouterr().err
+    (tmp_path / "good" / "broken.png").unlink()
+    assert main(["calibrate", "--model", str(model_dir), "--good", str(tmp_path / "good"), "--target-frr", "1.5"]) == 2
+    assert "--target-frr" in capsys.readouterr().err
