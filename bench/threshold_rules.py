@@ -23,10 +23,23 @@ import torch
 from lineinspect.training.datasets import open_dataset
 from lineinspect.training.metrics import f1_optimal_threshold, threshold_for_false_reject_rate
 from lineinspect.training.train_defect import TrainConfig, Trainer
-from lineinspect.vision.inspector import image_scores
+from lineinspect.vision.inspector import Calibration, image_scores
 from lineinspect.vision.model_io import load_inspector, load_model_dir
 
 FALSE_REJECT_RATES = (0.05, 0.1)
+
+
+def validation_scores(model_dir: str, train_data: str) -> tuple[np.ndarray, np.ndarray, Calibration]:
+    """The model's scores on its training's validation set, rebuilt (same split, same pasted copies):
+    scores, which are defects (bool), and the model's calibration."""
+    model, cal, _ = load_model_dir(model_dir)
+    trainer = Trainer(TrainConfig(preset=model.config.encoder.preset, name_pasted_kinds=bool(cal.class_names)),
+                      open_dataset(train_data), tempfile.mkdtemp())
+    trainer.load_data()
+    trainer.model = model.to(trainer.device)
+    images, _, labels, _ = trainer.validation_set()
+    val = torch.cat([image_scores(o, cal)[cal.score_source] for o in trainer.outputs(images)]).cpu().numpy()
+    return val, labels.numpy().astype(bool), cal
 
 
 def capped_f1_threshold(scores: np.ndarray, defect: np.ndarray, rate: float) -> float:
@@ -40,14 +53,7 @@ def main() -> None:
     if len(sys.argv) < 4:
         raise SystemExit(__doc__)
     model_dir, train_data, tests = sys.argv[1], sys.argv[2], sys.argv[3:]
-    model, cal, _ = load_model_dir(model_dir)
-    trainer = Trainer(TrainConfig(preset=model.config.encoder.preset, name_pasted_kinds=bool(cal.class_names)),
-                      open_dataset(train_data), tempfile.mkdtemp())
-    trainer.load_data()
-    trainer.model = model.to(trainer.device)
-    images, _, labels, _ = trainer.validation_set()
-    val = torch.cat([image_scores(o, cal)[cal.score_source] for o in trainer.outputs(images)]).cpu().numpy()
-    val_defect = labels.numpy().astype(bool)
+    val, val_defect, cal = validation_scores(model_dir, train_data)
     rules = {"F1-optimal (calibrated)": cal.threshold}
     for rate in FALSE_REJECT_RATES:
         rules[f"false-reject rate {rate} on validation goods"] = threshold_for_false_reject_rate(val[~val_defect], rate)

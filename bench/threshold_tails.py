@@ -22,13 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
+from threshold_rules import validation_scores  # bench/, next to this script
 
 from lineinspect.training.datasets import open_dataset
 from lineinspect.training.metrics import f1_optimal_threshold, threshold_for_false_reject_rate
-from lineinspect.training.train_defect import TrainConfig, Trainer
-from lineinspect.vision.inspector import image_scores
-from lineinspect.vision.model_io import load_inspector, load_model_dir
+from lineinspect.vision.model_io import load_inspector
 
 Rule = Callable[[dict], float]
 
@@ -41,15 +39,9 @@ def scores(samples: list, inspector) -> np.ndarray:
 
 
 def score_model(model_dir: Path, train: str, lines: list[str], extra: str) -> dict:
-    model, cal, _ = load_model_dir(model_dir)
-    trainer = Trainer(TrainConfig(preset=model.config.encoder.preset, name_pasted_kinds=bool(cal.class_names)),
-                      open_dataset(train), tempfile.mkdtemp())
-    trainer.load_data()
-    trainer.model = model.to(trainer.device)
-    images, _, labels, _ = trainer.validation_set()
-    val = torch.cat([image_scores(o, cal)[cal.score_source] for o in trainer.outputs(images)]).cpu().numpy()
+    val, val_defect, cal = validation_scores(str(model_dir), train)
     inspector = load_inspector(model_dir)
-    out = {"val": val, "val_defect": labels.numpy().astype(bool), "threshold": cal.threshold,
+    out = {"val": val, "val_defect": val_defect, "threshold": cal.threshold,
            "train_goods": scores(open_dataset(train).train, inspector),
            "extra_goods": scores([s for s in open_dataset(extra).test if not s.is_defect], inspector)}
     for line in lines:
