@@ -20,6 +20,9 @@ second, on first use. Only CUDA tensors take them, and only where they pay (``us
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,6 +44,9 @@ EAGER_MIN_ELEMENTS = 1 << 23
 # only if an eager call (the warm-up every capture starts with) has loaded it: eager calls load each
 # variant on first sight, whatever their size. A fact about the process, like a compile cache.
 _loaded: set[tuple] = set()
+# Variants whose first launch failed here (a GPU this Triton cannot compile for, no C compiler for its
+# launcher): computed eagerly from then on, after one warning.
+_failed: set[tuple] = set()
 
 
 def use_triton(key: tuple, *tensors: torch.Tensor | None, numel: int) -> bool:
@@ -53,7 +59,10 @@ def use_triton(key: tuple, *tensors: torch.Tensor | None, numel: int) -> bool:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in present):
         return False
-    loaded = (*key, present[0].device) in _loaded
+    variant = (*key, present[0].device)
+    if variant in _failed:
+        return False
+    loaded = variant in _loaded
     if torch.cuda.is_current_stream_capturing():
         return loaded
     return numel >= EAGER_MIN_ELEMENTS or not loaded
@@ -72,9 +81,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, scale: torch.Tensor | None = 
     scale: gate.shape[:-1]. Returns a new contiguous (..., H) tensor in gate's dtype."""
     key = silu_mul_key(gate.dtype, scale is not None, gate.shape[-1], gate.stride(-2), up.stride(-2))
     if fused and use_triton(key, gate, up, scale, numel=gate.numel()):
-        out = _silu_mul_triton(gate, up, scale)
-        _loaded.add((*key, gate.device))
-        return out
+        out = _launch((*key, gate.device), lambda: _silu_mul_triton(gate, up, scale))
+        if out is not None:
+            return out
     h = F.silu(gate) * up
     return h if scale is None else h * scale.unsqueeze(-1).to(h.dtype)
 
@@ -83,12 +92,28 @@ def gather_sum(base: torch.Tensor | None, rows: torch.Tensor, index: torch.Tenso
     """base + rows[index].sum(1): base (N, C) or None, rows (M, C), index (N, k) int -> (N, C) in rows' dtype."""
     key = ("gather_sum", rows.dtype, base is not None, index.shape[1], rows.shape[-1] % 16)
     if fused and use_triton(key, base, rows, numel=index.numel() * rows.shape[-1]):
-        out = _gather_sum_triton(base, rows, index)
-        _loaded.add((*key, rows.device))
-        return out
+        out = _launch((*key, rows.device), lambda: _gather_sum_triton(base, rows, index))
+        if out is not None:
+            return out
     N, k = index.shape
     out = rows.index_select(0, index.reshape(-1)).view(N, k, -1).sum(1)
     return out if base is None else base.to(rows.dtype) + out
+
+
+def _launch(variant: tuple, launch: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+    """Run a Triton kernel variant; None if its first launch fails here (recorded in _failed, with a
+    warning), so the caller computes eagerly. A variant that has run before and fails is a real error."""
+    try:
+        out = launch()
+    except Exception as exc:  # Triton's compile and load errors have no common base class
+        if variant in _loaded:
+            raise
+        _failed.add(variant)
+        warnings.warn(f"moe_lm.fused: Triton kernel {variant[0]} cannot run on {variant[-1]} ({exc}); "
+                      "computing it with PyTorch instead", RuntimeWarning, stacklevel=3)
+        return None
+    _loaded.add(variant)
+    return out
 
 
 def silu_mul_key(dtype: torch.dtype, scaled: bool, width: int, gate_stride: int, up_stride: int) -> tuple:

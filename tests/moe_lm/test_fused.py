@@ -47,6 +47,26 @@ def test_triton_only_for_cuda_tensors() -> None:
     assert not use_triton(("silu_mul",), None, x, numel=1 << 30)
 
 
+def test_a_kernel_that_cannot_run_here_falls_back_to_pytorch_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fused, "_loaded", set())
+    monkeypatch.setattr(fused, "_failed", set())
+    # as on a GPU whose first launch fails: asked until it has failed
+    monkeypatch.setattr(fused, "use_triton", lambda key, *t, numel: (*key, t[0].device) not in fused._failed)
+    calls = []
+
+    def broken(*args: object) -> torch.Tensor:
+        calls.append(args)
+        raise RuntimeError("no kernel image for this GPU")
+
+    monkeypatch.setattr(fused, "_silu_mul_triton", broken)
+    gate, up = torch.randn(3, 32), torch.randn(3, 32)
+    with pytest.warns(RuntimeWarning, match="cannot run"):
+        first = silu_mul(gate, up)
+    torch.testing.assert_close(first, F.silu(gate) * up)
+    torch.testing.assert_close(silu_mul(gate, up), first)
+    assert len(calls) == 1 and len(fused._failed) == 1  # tried once, then PyTorch
+
+
 INTERPRETED = textwrap.dedent("""
     import torch
     from lineinspect.moe_lm import fused
