@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -39,7 +40,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import timm
@@ -48,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from lineinspect.moe_lm.config import DecoderConfig
 from lineinspect.moe_lm.config import preset as decoder_preset
 from lineinspect.moe_lm.experts import RoutedExperts, SwiGLU
 from lineinspect.moe_lm.fused import set_fused_kernels
@@ -451,8 +453,10 @@ def fp8_section(rec: Recorder, plan: Plan, device: torch.device, model: DefectMo
 
 
 def per_expert_loop(experts: RoutedExperts, x: torch.Tensor, offs: torch.Tensor,
-                    scale: torch.Tensor | None = None) -> torch.Tensor:
+                    scale: torch.Tensor | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
     """RoutedExperts.forward as a plain Python loop over experts: the naive baseline."""
+    if index is not None:
+        x = x.index_select(0, index)
     outputs, start = [], 0
     for e, end in enumerate(offs.tolist()):
         gate, up = (x[start:end] @ experts.w_gate_up[e]).chunk(2, dim=-1)
@@ -466,7 +470,7 @@ def use_experts(experts: RoutedExperts, impl: str) -> None:
     """Make the experts run `impl`: "grouped_mm", "padded_bmm" or "loop" (per_expert_loop)."""
     experts.__dict__.pop("forward", None)  # undo an earlier "loop"
     if impl == "loop":
-        experts.forward = lambda x, offs, scale=None: per_expert_loop(experts, x, offs, scale)
+        experts.forward = functools.partial(per_expert_loop, experts)
     else:
         experts.impl = impl
 
@@ -562,9 +566,17 @@ def ratio_entry(name: str, fwd: dict[str, dict | None]) -> dict:
     return entry
 
 
-def moe_section(rec: Recorder, plan: Plan, device: torch.device) -> None:
-    """One MoE layer of the decoder preset in bf16, each implementation, against a dense SwiGLU;
-    grouped_mm and the dense SwiGLU also replayed from CUDA graphs."""
+class MoELayers(NamedTuple):
+    cfg: DecoderConfig
+    block: MoEBlock  # the decoder preset's MoE layer, bf16, eval
+    dense: SwiGLU  # a dense SwiGLU with the same active FLOPs, bf16
+    flops: float  # active forward FLOPs per token
+    shared_hidden: int
+    dense_hidden: int
+
+
+def moe_layers(plan: Plan, device: torch.device) -> MoELayers:
+    """The MoE layer of the plan's decoder preset and its dense counterpart, on the device (seed 0)."""
     cfg = decoder_preset(plan.decoder)
     shared_hidden = cfg.n_shared_experts * (cfg.shared_expert_hidden or cfg.expert_hidden)
     dense_hidden = cfg.top_k * cfg.expert_hidden + shared_hidden
@@ -573,12 +585,19 @@ def moe_section(rec: Recorder, plan: Plan, device: torch.device) -> None:
         # Forward timings in eval mode, as inference runs: decoding-sized inputs (tokens x experts <=
         # DENSE_DISPATCH_ROWS) run every expert; larger ones the sorted grouped dispatch.
         block, dense = MoEBlock(cfg).to(BF16).eval(), SwiGLU(cfg.width, dense_hidden).to(BF16)
+    # Active forward FLOPs per token: SwiGLU is 3 matmuls of width x hidden (top-k routed + shared), + router.
+    flops = 6 * cfg.width * dense_hidden + 2 * cfg.width * cfg.n_routed_experts
+    return MoELayers(cfg, block, dense, flops, shared_hidden, dense_hidden)
+
+
+def moe_section(rec: Recorder, plan: Plan, device: torch.device) -> None:
+    """One MoE layer of the decoder preset in bf16, each implementation, against a dense SwiGLU;
+    grouped_mm and the dense SwiGLU also replayed from CUDA graphs."""
+    cfg, block, dense, flops, shared_hidden, dense_hidden = moe_layers(plan, device)
 
     def moe(x: torch.Tensor) -> torch.Tensor:
         return block(x)[0]
 
-    # Active forward FLOPs per token: SwiGLU is 3 matmuls of width x hidden (top-k routed + shared), + router.
-    flops = 6 * cfg.width * dense_hidden + 2 * cfg.width * cfg.n_routed_experts
     shape = (f"{cfg.n_routed_experts} routed experts top-{cfg.top_k} + shared hidden {shared_hidden}, "
              f"C={cfg.width} H={cfg.expert_hidden}, bf16; dense SwiGLU H={dense_hidden} has the same active FLOPs "
              f"({flops / 1e6:.1f} MFLOP per token forward, backward counted as 2x)")

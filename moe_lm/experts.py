@@ -7,11 +7,13 @@ passes the groups as ``offs``, the (E,) int32 end row of each expert's group, co
 * ``grouped_mm``: ``torch._grouped_mm(x (M, C), w (E, C, N), offs)`` multiplies each contiguous
   row group by its expert's matrix in one kernel, with no padding and no host sync: gate and up
   (one grouped GEMM, or two), the SwiGLU activation times each row's router weight (``moe_lm.fused``),
-  then the down GEMM. Nothing on this path reads a device value
-  on the host, so it runs under a CUDA graph. It exists in recent torch, needs every row stride to
-  be a multiple of 16 bytes, and has kernels for a set of devices and dtypes that grows with each
-  release (bf16 on Hopper first; on torch 2.11 an H200 also ran fp16 and fp32, and CPU ran all
-  three); ``grouped_mm_supported`` checks the widths and probes the runtime once per device and dtype.
+  then the down GEMM. With ``fused_gemm`` on, at inference on CUDA, one Triton kernel does the
+  gate-up stage instead, reading the token rows through the caller's index in place
+  (``moe_lm.fused_gemm``). Nothing on this path reads a device value on the host, so it runs under
+  a CUDA graph. It exists in recent torch, needs every row stride to be a multiple of 16 bytes, and
+  has kernels for a set of devices and dtypes that grows with each release (bf16 on Hopper first;
+  on torch 2.11 an H200 also ran fp16 and fp32, and CPU ran all three); ``grouped_mm_supported``
+  checks the widths and probes the runtime once per device and dtype.
 * ``padded_bmm`` (the fallback, any device and dtype): scatter each group into a zero-padded
   (E, P, C) buffer, P = the largest group, and use ``torch.bmm``. We chose it over a block-diagonal
   or per-expert launch because bmm is one kernel with autograd on every backend, and the padding
@@ -36,6 +38,7 @@ from torch import nn
 
 from lineinspect.errors import LineInspectError
 from lineinspect.moe_lm.fused import silu_mul, silu_mul_key, use_triton
+from lineinspect.moe_lm.fused_gemm import DEFAULT_CONFIG, gate_up_silu
 
 
 class SwiGLU(nn.Module):
@@ -113,6 +116,11 @@ class RoutedExperts(nn.Module):
         # False forces one way (A/B timing)
         self.split_gate_up: bool | None = None
         self.fused_kernels = True  # Triton silu * up * scale at inference on CUDA (moe_lm.fused); off for A/B
+        # The gather, gate-up GEMM and activation as one Triton kernel at inference on CUDA (moe_lm.fused_gemm).
+        # Off until measured faster on the device: bench/gpu_moe_gemm.sh (bench/moe_fused_gemm.py) times it
+        # against this path and picks the tile config.
+        self.fused_gemm = False
+        self.fused_gemm_config = DEFAULT_CONFIG
         self.w_gate_up = nn.Parameter(torch.empty(n_experts, width, 2 * hidden))  # x @ w -> [gate, up]
         self.w_down = nn.Parameter(torch.empty(n_experts, hidden, width))
         nn.init.normal_(self.w_gate_up, std=0.02)
@@ -128,14 +136,18 @@ class RoutedExperts(nn.Module):
             )
         return "grouped_mm" if self.impl == "grouped_mm" or (self.impl == "auto" and ok) else "padded_bmm"
 
-    def forward(self, x: torch.Tensor, offs: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (M, C) rows sorted by expert; offs: (E,) int32, the end row of each expert's group
-        (offs[-1] == M; equal neighbours = an empty group); scale: (M,) weights of the rows' outputs
-        (the router's), or None. Returns (M, C)."""
-        if x.shape[0] == 0:
+    def forward(self, x: torch.Tensor, offs: torch.Tensor, scale: torch.Tensor | None = None,
+                index: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (M, C) rows sorted by expert, or with index (M,) int the token rows (T, C) whose rows
+        x[index] are sorted by expert (the fused gate-up kernel reads them in place); offs: (E,) int32,
+        the end row of each expert's group (offs[-1] == M; equal neighbours = an empty group); scale:
+        (M,) weights of the rows' outputs (the router's), or None. Returns (M, C)."""
+        if (x.shape[0] if index is None else index.shape[0]) == 0:
             return x.new_zeros(0, self.width)
         if self.resolve_impl(x) == "grouped_mm":
-            return self._grouped_mm(x, offs, scale)
+            return self._grouped_mm(x, offs, scale, index)
+        if index is not None:
+            x = x.index_select(0, index)
         y = self._padded_bmm(x, offs)
         return y if scale is None else y * scale[:, None].to(y.dtype)
 
@@ -151,20 +163,36 @@ class RoutedExperts(nn.Module):
         h = silu_mul(gate, up, scale, self.fused_kernels)
         return F.dropout(h, p=self.dropout, training=self.training)
 
-    def _grouped_mm(self, x: torch.Tensor, offs: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-        dtype, H = _mm_dtype(x), self.hidden
+    def _grouped_mm(self, x: torch.Tensor, offs: torch.Tensor, scale: torch.Tensor | None,
+                    index: torch.Tensor | None) -> torch.Tensor:
+        dtype = _mm_dtype(x)
         x, w = x.to(dtype), self.w_gate_up.to(dtype)
+        h = None
+        if index is not None and self._use_fused_gemm(x):
+            h = gate_up_silu(x, index, offs, w, scale, self.fused_gemm_config)  # None where Triton cannot run
+        if h is None:
+            h = self._gate_up(x if index is None else x.index_select(0, index), w, offs, scale)
+        return _contiguous_grad(torch._grouped_mm(h, self.w_down.to(dtype), offs=offs))  # (M, C)
+
+    def _use_fused_gemm(self, x: torch.Tensor) -> bool:
+        """Whether to offer the fused gate-up kernel: switched on, bf16 or fp16 (on fp32 its products
+        would round to TF32, the eager path's do not), and no dropout to apply to its output."""
+        return self.fused_gemm and x.dtype in (torch.bfloat16, torch.float16) and not (self.training and self.dropout)
+
+    def _gate_up(self, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, scale: torch.Tensor | None
+                 ) -> torch.Tensor:
+        """The eager gate-up stage: x (M, C) rows in expert order -> the activation h (M, H)."""
+        H = self.hidden
         split = self.split_gate_up
         if split is None:  # one product if the activation will run in Triton on its halves
-            halves = silu_mul_key(dtype, scale is not None, H, 2 * H, 2 * H)  # of one (M, 2H) product
+            halves = silu_mul_key(x.dtype, scale is not None, H, 2 * H, 2 * H)  # of one (M, 2H) product
             split = not (self.fused_kernels and use_triton(halves, x, numel=x.shape[0] * H))
         if split:
             gate = _contiguous_grad(torch._grouped_mm(x, w[:, :, :H], offs=offs))  # (M, H)
             up = _contiguous_grad(torch._grouped_mm(x, w[:, :, H:], offs=offs))
         else:
             gate, up = _contiguous_grad(torch._grouped_mm(x, w, offs=offs)).chunk(2, dim=-1)  # (M, H) each
-        h = self._activate(gate, up, scale)
-        return _contiguous_grad(torch._grouped_mm(h, self.w_down.to(dtype), offs=offs))  # (M, C)
+        return self._activate(gate, up, scale)
 
     def _padded_bmm(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         E, M = self.n_experts, x.shape[0]

@@ -36,10 +36,11 @@ class MoEBlock(nn.Module):
     Dispatch, all on the device with static shapes (no host sync, so the block runs under a CUDA
     graph): the N * k (token, slot) assignments are placed in expert order by counting (within an
     expert the earlier token in flattened B*T order comes first); the token rows are gathered in
-    that order and all experts run grouped, each row's router weight folded into its expert's
-    hidden activation. The outputs go back to token order by a gather (not an atomic scatter-add)
-    and each token's k rows are summed onto the shared experts' output (`moe_lm.fused`: one Triton
-    kernel each for the activation and the return at inference on CUDA). At inference with few
+    that order (or read in place by `moe_lm.fused_gemm`'s kernel) and all experts run grouped, each
+    row's router weight folded into its expert's hidden activation. The outputs go back to token
+    order by a gather (not an atomic scatter-add) and each token's k rows are summed onto the shared
+    experts' output (`moe_lm.fused`: one Triton kernel each for the activation and the return at
+    inference on CUDA). At inference with few
     tokens (decoding steps, tokens x experts <= `dense_dispatch_rows`) every expert runs on every
     token instead, with no dispatch at all. On a GPU at
     inference the shared experts run on a side stream while the routing and experts run.
@@ -126,7 +127,7 @@ class MoEBlock(nn.Module):
             capacity = expert_capacity(self.capacity_factor, N, k, E)
             weight = weight * (rank < capacity)
             overflow = (counts - capacity).clamp(min=0)
-        rows = self.experts(flat.index_select(0, order // k), ends.to(torch.int32), weight.index_select(0, order))
+        rows = self.experts(flat, ends.to(torch.int32), weight.index_select(0, order), index=order // k)
         return rows, row_of.view(N, k), counts, overflow
 
     def _all_experts(self, flat: torch.Tensor, route: RouterOutput
