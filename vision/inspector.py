@@ -210,7 +210,14 @@ class Inspector:
             "input_size": self.input_size,
             "params": sum(p.numel() for p in self.model.parameters()),
             "cuda_graphs": list(self.graphs.buckets) if self.graphs is not None else [],
+            "precision": self.precision,
         }
+
+    @property
+    def precision(self) -> str:
+        """What the model computes in: "bf16" or "fp32", with "int8 linears, " first for a quantised model."""
+        base = "bf16" if self.autocast_dtype == torch.bfloat16 else "fp32"
+        return f"int8 linears, {base}" if quantized_layers(self.model) else base
 
     def boxes(self, small_map: np.ndarray, label: str, width: int, height: int) -> list[Box]:
         """Boxes found on the model-resolution map, in input pixels (cheaper than at full size)."""

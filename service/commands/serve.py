@@ -71,9 +71,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lineinspect.service.server import configure_logging, serve
+    import torch
+
+    from lineinspect.service.server import configure_logging, log, serve
     from lineinspect.vision.cpu_threads import single_threaded
     from lineinspect.vision.model_io import load_inspector, untrained_inspector
+    from lineinspect.vision.precision import cpu_has_native_bf16
 
     config = config_from_args(args)
     configure_logging()
@@ -88,5 +91,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             inspector = load_inspector(model_dir, args.device, cuda_graphs=args.cuda_graphs,
                                        precision=args.precision)
+    if args.precision == "auto" and inspector.device.type == "cpu" and not cpu_has_native_bf16():
+        log.warning("this CPU computes bf16 only by emulation, so the model runs in fp32: several times slower than "
+                    "on a CPU with AVX-512 BF16 or AMX (s14, two cores: ~170 ms against ~50 ms a frame); an int8 "
+                    "copy (`lineinspect quantize`) or a smaller preset answers sooner",
+                    extra={"cpu_capability": torch.backends.cpu.get_cpu_capability()})
     serve(config, inspector)
     return 0

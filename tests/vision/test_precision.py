@@ -65,3 +65,12 @@ def test_int8_models_keep_their_own_cpu_path() -> None:
     model = DefectModel(DefectModelConfig(preset("tiny", img_size=64), HeadConfig())).eval()
     quantize_linears(model)
     assert cpu_bf16_copy(model) is None
+
+
+def test_inspector_reports_what_it_computes_in() -> None:
+    torch.manual_seed(0)
+    model = DefectModel(DefectModelConfig(preset("tiny", img_size=64), HeadConfig())).eval()
+    assert Inspector(model, Calibration(), "cpu", precision="fp32").info()["precision"] == "fp32"
+    assert Inspector(model, Calibration(), "cpu", precision="bf16").info()["precision"] == "bf16"
+    quantize_linears(model)
+    assert Inspector(model, Calibration(), "cpu", precision="fp32").info()["precision"] == "int8 linears, fp32"
