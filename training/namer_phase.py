@@ -126,8 +126,9 @@ def accuracy(namer: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 def train_namer(namer: torch.nn.Module, cache: ImageCache, good: torch.Tensor, kinds: tuple[str, ...],
                 seed: int, seconds: float, device: torch.device, normalize: Normalize,
                 dtype: torch.dtype | None = None, region_of: RegionOf | None = None,
-                pool: RenderPool | None = None) -> dict:
-    """Train `namer` (in place, float32) for about `seconds` on a pool that keeps growing: where
+                pool: RenderPool | None = None, min_steps: int = 1) -> dict:
+    """Train `namer` (in place, float32) for about `seconds`, and at least `min_steps` steps (then the
+    learning-rate schedule follows the steps), on a pool that keeps growing: where
     steps are cheap (a GPU) rendering is the bottleneck, and a namer that saw the same few
     hundred defects hundreds of times names the held-out line worse than one that saw more
     defects fewer times. Steps run under `dtype` autocast (the defect training's: bf16 on a 2-core
@@ -150,15 +151,16 @@ def train_namer(namer: torch.nn.Module, cache: ImageCache, good: torch.Tensor, k
     x, y = torch.cat(xs), torch.cat(ys)
     steps, t0 = 0, time.monotonic()
     namer.train()
-    while time.monotonic() - start < seconds or steps == 0:
+    while time.monotonic() - start < seconds or steps < max(min_steps, 1):
         if steps * BATCH >= MAX_REUSE * len(y) and len(y) < POOL_MAX:
             more_x, more_y = namer_pool(cache, good, kinds, g, 0.0, normalize, region_of=region_of, pool=pool)
             xs.append(more_x.to(device))
             ys.append(more_y.to(device))
             x, y = torch.cat(xs), torch.cat(ys)
             continue
-        done = min(1.0, (time.monotonic() - t0) / max(seconds - (t0 - start), 1e-3))
-        for group in opt.param_groups:  # cosine over the time the phase has left
+        elapsed = min(1.0, (time.monotonic() - t0) / max(seconds - (t0 - start), 1e-3))
+        done = min(elapsed, steps / max(min_steps, 1))  # the time's share, or the steps' where they bind
+        for group in opt.param_groups:  # cosine over what the phase has left
             group["lr"] = LR * max(0.05, 0.5 * (1 + np.cos(np.pi * done)))
         rows = torch.from_numpy(rng.integers(len(y), size=BATCH)).to(device)
         with autocast(device, dtype):  # the training's autocast (bf16 where the device has it natively)

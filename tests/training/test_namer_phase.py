@@ -89,16 +89,27 @@ def test_partial_masks_keep_a_nonempty_part_of_each_defect() -> None:
     assert torch.equal(partial_masks(masks, torch.Generator().manual_seed(0), share=0.0), masks)
 
 
+MIN_STEPS = 60
+
+
+def test_namer_phase_keeps_to_its_time() -> None:
+    start = time.monotonic()
+    notes = train_namer(CropNamer(2, width=8), _cache(8, 64), torch.arange(8), ("scratch", "hole"), seed=0,
+                        seconds=2.0, device=torch.device("cpu"), normalize=_identity)
+    assert time.monotonic() - start < 30  # loosely: CI machines are noisy
+    assert notes["namer_steps"] >= 1
+
+
 def test_namer_learns_the_pasted_kinds_and_reports_it() -> None:
+    # learning is asserted after a number of steps, not seconds: a time-bound phase on a slow, busy CPU
+    # (45 steps in 10 s quiet on an AVX2-only 2-core host, fewer beside the suite) named 0.51 right
     torch.manual_seed(0)
     namer = CropNamer(2, width=8)
-    start = time.monotonic()
-    notes = train_namer(namer, _cache(24, 64), torch.arange(24), ("scratch", "hole"), seed=0, seconds=10.0,
-                        device=torch.device("cpu"), normalize=_identity)
-    assert time.monotonic() - start < 60  # the phase keeps to its time (loosely: CI machines are noisy)
-    assert notes["namer_examples"] >= 32 and notes["namer_steps"] >= 1
+    notes = train_namer(namer, _cache(24, 64), torch.arange(24), ("scratch", "hole"), seed=0, seconds=5.0,
+                        device=torch.device("cpu"), normalize=_identity, min_steps=MIN_STEPS)
+    assert notes["namer_examples"] >= 32 and notes["namer_steps"] >= MIN_STEPS
     assert notes["namer_heldout_accuracy"] >= notes["namer_heldout_before"]  # a worse refit is not kept
-    assert notes["namer_heldout_accuracy"] >= 0.7  # a scratch and a hole are easy to tell apart (0.89 quiet)
+    assert notes["namer_heldout_accuracy"] >= 0.7  # a scratch and a hole are easy to tell apart
     assert not namer.training
     # trained channels-last for speed, handed back in the layout the model directory's safetensors need
     assert all(t.is_contiguous() for t in namer.state_dict().values())
