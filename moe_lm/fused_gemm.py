@@ -14,7 +14,8 @@ column block, more than the groups can use, and each program finds its expert an
 prefix sum over the groups' tile counts (from ``offs``); the spare programs return at once.
 
 Tile shapes are fixed per call by a key of ``CONFIGS`` (autotuning would compile and time during
-a graph capture): ``bench/moe_fused_gemm.py`` times each on the device. The same policy as
+a graph capture), by default by the number of rows (``config_for_rows``): ``bench/moe_fused_gemm.py``
+times each on the device. The same policy as
 ``moe_lm.fused`` decides where the kernel runs (``fused.use_triton``: CUDA, no gradient, loaded
 before a capture) and falls back to PyTorch, with one warning, where it cannot.
 """
@@ -54,12 +55,21 @@ CONFIGS: dict[str, GemmConfig] = {
     "64x128x64-w4-s4": GemmConfig(64, 128, 64, 8, 4, 4),
     "64x64x64-w4-s4": GemmConfig(64, 64, 64, 8, 4, 4),  # small groups (few tokens per expert)
 }
-DEFAULT_CONFIG = "128x128x64-w8-s3"
+# The fastest configs of bench/moe_fused_gemm.py on an H100 (session 21, l14 sizes: 16 experts, width
+# 1024, hidden 2048): at 128 rows 64x128 tiles (0.061 ms; 128x128: 0.096), at 8,192 rows 128x128 with
+# four stages (0.156 ms; 64x128: 0.187). 128-row tiles waste most of their rows once the 16 groups
+# average under 128 rows, hence the switch at 2,048.
+SMALL_CONFIG, LARGE_CONFIG, LARGE_FROM_ROWS = "64x128x64-w4-s4", "128x128x64-w8-s4", 2048
+
+
+def config_for_rows(rows: int) -> str:
+    """The default tile config for `rows` expert-ordered rows (top-k assignments)."""
+    return LARGE_CONFIG if rows >= LARGE_FROM_ROWS else SMALL_CONFIG
 
 
 def set_fused_gemm(module: nn.Module, enabled: bool, config: str | None = None) -> None:
-    """Turn the fused gate-up kernel on or off (and pick its tile config) in every submodule that
-    has it (RoutedExperts), for A/B timing."""
+    """Turn the fused gate-up kernel on or off (and fix its tile config; None keeps the current one) in
+    every submodule that has it (RoutedExperts), for A/B timing."""
     if config is not None and config not in CONFIGS:
         raise ValueError(f"unknown fused GEMM config {config!r}; choose one of {', '.join(CONFIGS)}")
     for m in module.modules():
@@ -70,15 +80,17 @@ def set_fused_gemm(module: nn.Module, enabled: bool, config: str | None = None) 
 
 
 def gate_up_silu(x: torch.Tensor, index: torch.Tensor, offs: torch.Tensor, w: torch.Tensor,
-                 scale: torch.Tensor | None = None, config: str = DEFAULT_CONFIG) -> torch.Tensor | None:
+                 scale: torch.Tensor | None = None, config: str | None = None) -> torch.Tensor | None:
     """silu(x[index] @ gate) * (x[index] @ up) * scale per row, grouped by expert, in one kernel.
 
     x: (T, C) token rows; index: (M,) int, the token of each expert-ordered row; offs: (E,) int32,
     the end row of each expert's group (as torch._grouped_mm takes it); w: (E, C, 2H), gate then up
-    (RoutedExperts.w_gate_up, x's dtype); scale: (M,) or None. Returns h (M, H) in x's dtype, or
+    (RoutedExperts.w_gate_up, x's dtype); scale: (M,) or None; config: a key of CONFIGS, None for
+    ``config_for_rows(M)``. Returns h (M, H) in x's dtype, or
     None where the kernel does not run (``fused.use_triton``): the caller computes it eagerly."""
     x, index, offs = x.contiguous(), index.contiguous(), offs.contiguous()  # no-ops for the layer's tensors
     scale = None if scale is None else scale.contiguous()
+    config = config or config_for_rows(index.shape[0])
     key = gate_up_silu_key(x, index, offs, w, scale, config)
     if not use_triton(key, x, index, offs, w, scale, numel=index.shape[0] * w.shape[-1]):
         return None
@@ -87,12 +99,14 @@ def gate_up_silu(x: torch.Tensor, index: torch.Tensor, offs: torch.Tensor, w: to
 
 def gate_up_silu_key(x: torch.Tensor, index: torch.Tensor, offs: torch.Tensor, w: torch.Tensor,
                      scale: torch.Tensor | None, config: str) -> tuple:
-    """What Triton compiles a variant of the kernel for: the tile config, the dtypes, and for each
-    integer argument whether it is 1 or a multiple of 16 and for each pointer whether it is
-    16-byte aligned (it specialises on those)."""
-    ints = (x.shape[1], w.shape[-1] // 2, x.stride(0), *w.stride())
+    """What Triton compiles a variant of the kernel for: the tile config, the width (a compile-time
+    constant: it bounds the K loop, and Triton 3.6's interpreter cannot loop to a runtime bound),
+    the dtypes, and for each other integer argument whether it is 1 or a multiple of 16 and for each
+    pointer whether it is 16-byte aligned (it specialises on those)."""
+    ints = (w.shape[-1] // 2, x.stride(0), *w.stride())
     pointers = (x, index, offs, w) if scale is None else (x, index, offs, w, scale)
-    return ("gate_up_silu", config, x.dtype, index.dtype, offs.dtype, None if scale is None else scale.dtype,
+    dtypes = (x.dtype, index.dtype, offs.dtype, None if scale is None else scale.dtype)
+    return ("gate_up_silu", config, x.shape[1], *dtypes,
             tuple((i == 1, i % 16 == 0) for i in ints), tuple(t.data_ptr() % 16 == 0 for t in pointers))
 
 
@@ -104,8 +118,8 @@ def _gate_up_silu_triton(x: torch.Tensor, index: torch.Tensor, offs: torch.Tenso
     tiles_m = triton.cdiv(M, config.block_m) + E  # at least the groups' row tiles, whatever their sizes
     grid = (tiles_m * triton.cdiv(H, config.block_n),)
     _gate_up_silu_kernel[grid](
-        x, index, offs, w, scale if scale is not None else x, out, C, H, x.stride(0), *w.stride(),
-        N_EXPERTS=E, EXPERTS_POW2=triton.next_power_of_2(E), HAS_SCALE=scale is not None,
+        x, index, offs, w, scale if scale is not None else x, out, H, x.stride(0), *w.stride(),
+        WIDTH=C, N_EXPERTS=E, EXPERTS_POW2=triton.next_power_of_2(E), HAS_SCALE=scale is not None,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out
@@ -126,8 +140,9 @@ if triton is not None:
 
     @triton.jit
     def _gate_up_silu_kernel(x_ptr, index_ptr, offs_ptr, w_ptr, scale_ptr, out_ptr,
-                             n_width, n_hidden, stride_x, stride_we, stride_wk, stride_wn,
-                             N_EXPERTS: tl.constexpr, EXPERTS_POW2: tl.constexpr, HAS_SCALE: tl.constexpr,
+                             n_hidden, stride_x, stride_we, stride_wk, stride_wn,
+                             WIDTH: tl.constexpr, N_EXPERTS: tl.constexpr, EXPERTS_POW2: tl.constexpr,
+                             HAS_SCALE: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              GROUP_M: tl.constexpr):
         tile_m, tile_n = _tile_of(tl.program_id(0), n_hidden, BLOCK_M, BLOCK_N, GROUP_M)
@@ -157,8 +172,8 @@ if triton is not None:
         up_tile = gate_tile + n_hidden * stride_wn
         gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, tl.cdiv(n_width, BLOCK_K)):
-            k_ok = ks < n_width - k * BLOCK_K
+        for k in range(0, tl.cdiv(WIDTH, BLOCK_K)):
+            k_ok = ks < WIDTH - k * BLOCK_K
             a = tl.load(x_tile, mask=k_ok[None, :], other=0.0)
             gate = tl.dot(a, tl.load(gate_tile, mask=k_ok[:, None], other=0.0), acc=gate)
             up = tl.dot(a, tl.load(up_tile, mask=k_ok[:, None], other=0.0), acc=up)

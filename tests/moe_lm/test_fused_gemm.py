@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from lineinspect.moe_lm import fused, fused_gemm
 from lineinspect.moe_lm.config import preset
-from lineinspect.moe_lm.fused_gemm import CONFIGS, DEFAULT_CONFIG, set_fused_gemm
+from lineinspect.moe_lm.fused_gemm import CONFIGS, LARGE_CONFIG, SMALL_CONFIG, config_for_rows, set_fused_gemm
 from lineinspect.moe_lm.moe import MoEBlock
 from lineinspect.vision.cuda_graphs import capture_graph
 
@@ -47,7 +47,7 @@ def groups(sizes: list[int], tokens: int, width: int, hidden: int, dtype: torch.
 
 INTERPRETED = "\n".join(["import torch", "import torch.nn.functional as F", inspect.getsource(loop_gate_up),
                          inspect.getsource(groups)]) + textwrap.dedent("""
-    from lineinspect.moe_lm.fused_gemm import CONFIGS, DEFAULT_CONFIG, GemmConfig, _gate_up_silu_triton
+    from lineinspect.moe_lm.fused_gemm import CONFIGS, SMALL_CONFIG, GemmConfig, _gate_up_silu_triton
     # Empty groups first, inside and last; groups smaller than a tile, of exactly one, and over
     # three tiles; E = 7 is not a power of two. C = 80 leaves a part step of 16 on 32-wide steps and
     # H = 48 a part column block; 2-tile column groups leave a part group at the end of the grid.
@@ -55,7 +55,7 @@ INTERPRETED = "\n".join(["import torch", "import torch.nn.functional as F", insp
     small = GemmConfig(block_m=16, block_n=32, block_k=32, group_m=2, num_warps=4, num_stages=2)
     for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
         x, index, offs, w, scale = groups(sizes, 30, 80, 48, dtype)
-        for config in (small, CONFIGS[DEFAULT_CONFIG]):
+        for config in (small, CONFIGS[SMALL_CONFIG]):
             for s in (scale, None):
                 for idx in (index, index.to(torch.int32)):
                     got = _gate_up_silu_triton(x, idx, offs, w, s, config)
@@ -78,14 +78,15 @@ def _block(tokens: int) -> tuple[MoEBlock, torch.Tensor]:
     return block, torch.randn(2, tokens, 128, dtype=torch.bfloat16)
 
 
-def test_switch_is_off_by_default_and_names_a_config() -> None:
+def test_switch_is_on_by_default_with_the_config_by_rows_and_names_a_config() -> None:
     block, _ = _block(8)
-    assert block.experts.fused_gemm is False and block.experts.fused_gemm_config == DEFAULT_CONFIG
-    set_fused_gemm(block, True, "64x64x64-w4-s4")
-    assert block.experts.fused_gemm and block.experts.fused_gemm_config == "64x64x64-w4-s4"
+    assert block.experts.fused_gemm is True and block.experts.fused_gemm_config is None
+    assert config_for_rows(128) == SMALL_CONFIG and config_for_rows(8192) == LARGE_CONFIG
+    assert {SMALL_CONFIG, LARGE_CONFIG} <= set(CONFIGS)
+    set_fused_gemm(block, False, "64x64x64-w4-s4")
+    assert block.experts.fused_gemm is False and block.experts.fused_gemm_config == "64x64x64-w4-s4"
     with pytest.raises(ValueError, match="unknown fused GEMM config"):
         set_fused_gemm(block, True, "256x256")
-    assert DEFAULT_CONFIG in CONFIGS
 
 
 def test_a_fused_gemm_that_cannot_run_here_falls_back_to_pytorch_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,6 +106,7 @@ def test_a_fused_gemm_that_cannot_run_here_falls_back_to_pytorch_once(monkeypatc
     if block.experts.resolve_impl(x) != "grouped_mm":
         pytest.skip("torch._grouped_mm does not run on this CPU")
     with torch.no_grad():
+        set_fused_gemm(block, False)
         eager = block(x)[0]
         set_fused_gemm(block, True)
         with pytest.warns(RuntimeWarning, match="gate_up_silu cannot run"):
@@ -119,7 +121,7 @@ def test_compiled_kernel_matches_the_loop_in_bf16_for_every_config() -> None:
     pytest.importorskip("triton")
     sizes = [0, 1, 300, 5, 0, 64, 128, 200, 7, 0, 33, 90, 1, 2, 250, 0]  # 16 experts, some empty
     x, index, offs, w, scale = (t.cuda() for t in groups(sizes, 600, 256, 384, torch.bfloat16))
-    for name, s in [(name, scale) for name in CONFIGS] + [(DEFAULT_CONFIG, None)]:  # each compiles a kernel
+    for name, s in [(name, scale) for name in CONFIGS] + [(SMALL_CONFIG, None)]:  # each compiles a kernel
         got = fused_gemm._gate_up_silu_triton(x, index, offs, w, s, CONFIGS[name])
         want = loop_gate_up(x, index, offs, w, s)
         torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2, msg=lambda m, n=name: f"{n}: {m}")
@@ -137,6 +139,7 @@ def test_block_with_fused_gemm_matches_the_block_without(monkeypatch: pytest.Mon
     block, x = _block(700)
     block, x = block.cuda(), x.cuda()
     with torch.no_grad():
+        set_fused_gemm(block, False)
         eager_out, eager_stats = block(x)
         set_fused_gemm(block, True)
         fused_out, fused_stats = block(x)
