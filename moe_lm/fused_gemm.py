@@ -86,8 +86,8 @@ def gate_up_silu(x: torch.Tensor, index: torch.Tensor, offs: torch.Tensor, w: to
     x: (T, C) token rows; index: (M,) int, the token of each expert-ordered row; offs: (E,) int32,
     the end row of each expert's group (as torch._grouped_mm takes it); w: (E, C, 2H), gate then up
     (RoutedExperts.w_gate_up, x's dtype); scale: (M,) or None; config: a key of CONFIGS, None for
-    ``config_for_rows(M)``. Returns h (M, H) in x's dtype, or
-    None where the kernel does not run (``fused.use_triton``): the caller computes it eagerly."""
+    ``config_for_rows(M)``. Returns h (M, H) in x's dtype, or None where the kernel does not run
+    (``fused.use_triton``): the caller computes it eagerly."""
     x, index, offs = x.contiguous(), index.contiguous(), offs.contiguous()  # no-ops for the layer's tensors
     scale = None if scale is None else scale.contiguous()
     config = config or config_for_rows(index.shape[0])
@@ -102,12 +102,13 @@ def gate_up_silu_key(x: torch.Tensor, index: torch.Tensor, offs: torch.Tensor, w
     """What Triton compiles a variant of the kernel for: the tile config, the width (a compile-time
     constant: it bounds the K loop, and Triton 3.6's interpreter cannot loop to a runtime bound),
     the dtypes, and for each other integer argument whether it is 1 or a multiple of 16 and for each
-    pointer whether it is 16-byte aligned (it specialises on those)."""
+    CUDA pointer whether it is 16-byte aligned (it specialises on those; other tensors carry no data it
+    could run on, fake ones none at all)."""
     ints = (w.shape[-1] // 2, x.stride(0), *w.stride())
     pointers = (x, index, offs, w) if scale is None else (x, index, offs, w, scale)
     dtypes = (x.dtype, index.dtype, offs.dtype, None if scale is None else scale.dtype)
-    return ("gate_up_silu", config, x.shape[1], *dtypes,
-            tuple((i == 1, i % 16 == 0) for i in ints), tuple(t.data_ptr() % 16 == 0 for t in pointers))
+    aligned = tuple(not t.is_cuda or t.data_ptr() % 16 == 0 for t in pointers)
+    return ("gate_up_silu", config, x.shape[1], *dtypes, tuple((i == 1, i % 16 == 0) for i in ints), aligned)
 
 
 def _gate_up_silu_triton(x: torch.Tensor, index: torch.Tensor, offs: torch.Tensor, w: torch.Tensor,
