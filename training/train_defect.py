@@ -96,6 +96,9 @@ class TrainConfig:
     # weight of the map-peak loss: the smoothed map's peak (the fast path's map score) pushed down on
     # good images (see map_peak_loss); 0 = off
     peak_loss: float = 0.0
+    # each training image with its mask under one of the square's 8 symmetries, drawn per image (see
+    # dihedral_jitter); for surfaces without a fixed orientation; off: a fixed camera's geometry is "normal"
+    dihedral: bool = False
     # processes painting the named defects (training.named_pasting.RenderPool); None: render_workers_for(device)
     render_workers: int | None = None
     paste_types: tuple[str, ...] = DEFECT_TYPES  # named defect renderings pasted besides the generic ones
@@ -161,6 +164,37 @@ class Batch(NamedTuple):
     index: torch.Tensor  # (B,) rows of the training cache
 
 
+def dihedral_codes(n: int, square: bool, gen: torch.Generator) -> torch.Tensor:
+    """One of the square's 8 symmetries per image (0 = identity; bits: mirror left-right, mirror up-down,
+    transpose), drawn from `gen`; non-square images get only the mirrors."""
+    return torch.randint(8 if square else 4, (n,), generator=gen)
+
+
+def dihedral(images: torch.Tensor, masks: torch.Tensor | None, codes: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each image (B, C, H, W), and its mask (B, ..., H, W) alike, under its symmetry in `codes`
+    (``dihedral_codes``). A surface's own features (a turning centre, a groove band) then turn up in new
+    places, which a few hundred good parts show in few."""
+    images = images.clone()
+    masks = None if masks is None else masks.clone()
+    for code in codes.unique().tolist():
+        if code == 0:
+            continue
+        rows = torch.nonzero(codes == code).flatten().to(images.device)
+        for t in (images, masks):
+            if t is None:
+                continue
+            part = t[rows]
+            if code & 1:
+                part = part.flip(-1)
+            if code & 2:
+                part = part.flip(-2)
+            if code & 4:
+                part = part.transpose(-1, -2)
+            t[rows] = part
+    return images, masks
+
+
 class PendingBatch(NamedTuple):
     """A drawn batch whose good images have their generic defects and whose named ones may still be painting."""
     drawn: Batch
@@ -168,6 +202,7 @@ class PendingBatch(NamedTuple):
     masks: torch.Tensor | None
     has: torch.Tensor | None
     paintings: NamedPaintings | None  # None when no named kinds are pasted
+    symmetries: torch.Tensor | None  # (B,) dihedral_codes applied once it is finished (None: off)
 
 
 @dataclass
@@ -399,6 +434,9 @@ class Trainer:
 
     def ssl_loss(self) -> tuple[torch.Tensor, dict]:
         images = self.batch(only_good=True).images
+        if self.cfg.dihedral:
+            images, _ = dihedral(images, None, dihedral_codes(len(images), images.shape[-1] == images.shape[-2],
+                                                               self.gen))
         loss = self.model.masked_reconstruction_loss(images)
         return loss, {}
 
@@ -427,22 +465,28 @@ class Trainer:
                     sources = sources[idx[good.to(idx.device)].cpu().numpy()]
                 paintings = start_named_defects(pasted, has, self.cfg.paste_types, self.gen, sources=sources,
                                                 pool=self.pool)
-        return PendingBatch(Batch(images, masks, defect, classes, idx), pasted, pmask, has, paintings)
+        symmetries = (dihedral_codes(len(images), images.shape[-1] == images.shape[-2], self.gen)
+                      if self.cfg.dihedral else None)
+        return PendingBatch(Batch(images, masks, defect, classes, idx), pasted, pmask, has, paintings, symmetries)
 
     def finish_defect_batch(self, pending: PendingBatch) -> Batch:
+        """The pasted defects in place and the targets after pasting; then each image's symmetry, if drawn
+        (after the pasting, because the painters work from the untransformed source images)."""
         images, masks, defect, classes, idx = pending.drawn
-        if pending.pasted is None:
-            return pending.drawn
-        good = ~defect
-        pasted, pmask, has = pending.pasted, pending.masks, pending.has
-        if pending.paintings is not None:
-            pasted, pmask, has, kinds = finish_named_defects(pasted, pmask, has, pending.paintings)
-            if self.names_pasted:
-                classes = classes.clone()
-                classes[good] = kinds
-        images[good], masks[good] = pasted, pmask
-        target = defect.clone()
-        target[good] = has
+        target = defect
+        if pending.pasted is not None:
+            good = ~defect
+            pasted, pmask, has = pending.pasted, pending.masks, pending.has
+            if pending.paintings is not None:
+                pasted, pmask, has, kinds = finish_named_defects(pasted, pmask, has, pending.paintings)
+                if self.names_pasted:
+                    classes = classes.clone()
+                    classes[good] = kinds
+            images[good], masks[good] = pasted, pmask
+            target = defect.clone()
+            target[good] = has
+        if pending.symmetries is not None:
+            images, masks = dihedral(images, masks, pending.symmetries)
         return Batch(images, masks, target, classes, idx)
 
     def supervised_loss(self, out: HeadOutput, masks: torch.Tensor, target: torch.Tensor,

@@ -50,6 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--peak-loss", type=float, default=0.0, metavar="WEIGHT",
                    help="weight of the loss on the smoothed map's peak (the map score) on good images: their strongest "
                    "false spot (default 0 = off; measured on two held-out lines in bench/RESULTS.md, session 16)")
+    p.add_argument("--dihedral-jitter", action="store_true",
+                   help="experimental: flip and quarter-turn each training image with its mask (the 8 symmetries of "
+                   "the square), for surfaces with no fixed orientation: their own features (turning centres) are "
+                   "seen in new places; leave off where the camera's geometry is part of normal")
     p.add_argument("--render-workers", type=int, default=None, metavar="N",
                    help="processes painting the pasted named defects (default: on a GPU host all cores but two, up "
                    "to 8; none on a CPU, whose cores train the model)")
@@ -134,6 +138,6 @@ def train_defect(args: argparse.Namespace, dataset) -> None:
         precision=args.precision, name_pasted_kinds=args.name_pasted_kinds, bandpass=args.bandpass,
         ridges=args.ridges, chroma=args.chroma, namer_regions=args.namer_regions,
         namer_seconds=args.namer_seconds, val_fraction=args.val_fraction, peak_loss=args.peak_loss,
-        render_workers=args.render_workers,
+        render_workers=args.render_workers, dihedral=args.dihedral_jitter,
     )
     Trainer(config, dataset, args.out, resume=args.resume).run()

@@ -16,7 +16,14 @@ from lineinspect.training.datasets import open_dataset
 from lineinspect.training.evaluate import evaluate
 from lineinspect.training.named_pasting import RenderPool
 from lineinspect.training.synth import write_synthetic_dataset
-from lineinspect.training.train_defect import TrainConfig, Trainer, focal_dice_loss, map_peak_loss
+from lineinspect.training.train_defect import (
+    TrainConfig,
+    Trainer,
+    dihedral,
+    dihedral_codes,
+    focal_dice_loss,
+    map_peak_loss,
+)
 from lineinspect.vision.model_io import load_inspector
 
 
@@ -206,11 +213,12 @@ def test_a_training_paints_its_named_defects_in_worker_processes(line, tmp_path)
         TrainConfig(render_workers=-1).resolved()
 
 
-def test_batches_drawn_ahead_for_the_render_pool_are_the_batches_drawn_in_turn(line, tmp_path) -> None:
+@pytest.mark.parametrize("symmetries", [False, True])
+def test_batches_drawn_ahead_for_the_render_pool_are_the_batches_drawn_in_turn(line, tmp_path, symmetries) -> None:
     """With a render pool the trainer draws the next batch while the device trains on this one: the same
-    batches, in the same order, as without it."""
+    batches, in the same order, as without it (with the dihedral jitter too: drawn with the batch)."""
     config = TrainConfig(preset="tiny", img_size=64, steps=2, batch_size=8, memory_bank_size=64,
-                         paste_types=("scratch", "hole"), name_pasted_kinds=True)
+                         paste_types=("scratch", "hole"), name_pasted_kinds=True, dihedral=symmetries)
     in_turn, ahead = (Trainer(config, open_dataset(line), tmp_path / name) for name in ("a", "b"))
     in_turn.load_data()
     ahead.load_data()
@@ -222,3 +230,32 @@ def test_batches_drawn_ahead_for_the_render_pool_are_the_batches_drawn_in_turn(l
         assert ahead.next_batch is not None and in_turn.next_batch is None
     finally:
         ahead.pool.close()
+
+
+def test_dihedral_jitter_moves_each_image_with_its_mask() -> None:
+    """Every one of the 8 symmetries is drawn, each image is exactly its symmetry of the input, and its mask
+    follows it; non-square images only mirror."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(64, 3, 16, 16, generator=g)
+    masks = (images[:, :1] > 0.8).float()
+    codes = dihedral_codes(64, True, torch.Generator().manual_seed(1))
+    assert set(codes.tolist()) == set(range(8))
+    out, out_masks = dihedral(images, masks, codes)
+    assert torch.equal(out_masks, (out[:, :1] > 0.8).float())
+    for image, moved, code in zip(images, out, codes.tolist()):
+        want = image.flip(-1) if code & 1 else image
+        want = want.flip(-2) if code & 2 else want
+        assert torch.equal(moved, want.transpose(-1, -2) if code & 4 else want)
+    assert torch.equal(images[:, :1] > 0.8, masks > 0)  # the inputs are left alone
+    assert int(dihedral_codes(256, False, g).max()) < 4
+    wide, _ = dihedral(torch.rand(4, 3, 8, 12), None, torch.tensor([0, 1, 2, 3]))
+    assert wide.shape == (4, 3, 8, 12)
+
+
+def test_dihedral_jitter_is_off_by_default_and_trains_when_asked(line, tmp_path) -> None:
+    assert TrainConfig().dihedral is False
+    out = tmp_path / "m"
+    assert main(["train", "--data", str(line), "--preset", "tiny", "--img-size", "64", "--steps", "3",
+                 "--batch-size", "8", "--dihedral-jitter", "--out", str(out)]) == 0
+    training = json.loads((out / "config.json").read_text())["training"]
+    assert training["config"]["dihedral"] is True and training["steps"]["defect"] >= 1
