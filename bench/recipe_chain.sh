@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole named-line recipe, one step after another under $R (default runs/recipe), on $DEVICE
 # (default cpu): three synthetic metal lines (metal1 trains; metal2, metal3 are held out), the s14
-# defect model with its namer (BUDGET s, NAMER s of it), `lineinspect eval` on both held-out lines, the
-# three language stages (LANGUAGE s), then eval-language on both. Progress lines go to $R/progress.txt.
+# defect model with its namer (BUDGET s, NAMER s of it), `lineinspect eval` on both held-out lines (and
+# bench/score_sources.py on all 250 good parts of each: goods.jsonl), the three language stages
+# (LANGUAGE s), then eval-language on both. Progress lines go to $R/progress.txt.
+#   TRAIN_ARGS="..." more `lineinspect train` options for the defect model (e.g. --dihedral-jitter)
 #   CAL="R1 R2 ..."  then, for each held-out line and each false-reject rate R, a copy of the model whose
 #                    threshold `lineinspect calibrate` sets from that line's own 200 training good parts
 #                    (which its test split does not contain: a shift's production sample) is evaluated
@@ -18,9 +20,14 @@ chain() {
   wait
   echo "$(date +%T) synth done" >> $R/progress.txt
   lineinspect train --data $R/metal1 --preset s14 --device $DEVICE --time-budget ${BUDGET:-480} \
-    --namer-seconds ${NAMER:-120} --name-pasted-kinds --out $R/m 2> $R/train.log | tail -1 > $R/train.jsonl
+    --namer-seconds ${NAMER:-120} --name-pasted-kinds ${TRAIN_ARGS:-} --out $R/m 2> $R/train.log | tail -1 > $R/train.jsonl
   echo "$(date +%T) train done" >> $R/progress.txt
-  for line in metal2 metal3; do evaluate $R/m $line; done
+  for line in metal2 metal3; do
+    evaluate $R/m $line
+    # the good parts flagged among all 250 of the line's (its 200 training goods are unseen too)
+    python3 bench/score_sources.py $R/m $R/$line --with-train-goods --device $DEVICE --json $R/goods.jsonl \
+      > /dev/null 2>> $R/eval.log
+  done
   echo "$(date +%T) eval done" >> $R/progress.txt
   lineinspect train --data $R/metal1 --out $R/m --stages 1,2,3 --device $DEVICE \
     --language-time-budget ${LANGUAGE:-200} 2> $R/language.log | tail -3 >> $R/train.jsonl
