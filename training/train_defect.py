@@ -97,7 +97,7 @@ class TrainConfig:
     # good images (see map_peak_loss); 0 = off
     peak_loss: float = 0.0
     # each training image with its mask under one of the square's 8 symmetries, drawn per image (see
-    # dihedral_jitter); for surfaces without a fixed orientation; off: a fixed camera's geometry is "normal"
+    # dihedral); for surfaces without a fixed orientation; off: a fixed camera's geometry is "normal"
     dihedral: bool = False
     # processes painting the named defects (training.named_pasting.RenderPool); None: render_workers_for(device)
     render_workers: int | None = None
