@@ -175,9 +175,11 @@ class RoutedExperts(nn.Module):
         return _contiguous_grad(torch._grouped_mm(h, self.w_down.to(dtype), offs=offs))  # (M, C)
 
     def _use_fused_gemm(self, x: torch.Tensor) -> bool:
-        """Whether to offer the fused gate-up kernel: switched on, bf16 or fp16 (on fp32 its products
-        would round to TF32, the eager path's do not), and no dropout to apply to its output."""
-        return self.fused_gemm and x.dtype in (torch.bfloat16, torch.float16) and not (self.training and self.dropout)
+        """Whether to offer the fused gate-up kernel: switched on, no gradient recorded (it has no backward:
+        training steps skip it before its key is even built), bf16 or fp16 (on fp32 its products would
+        round to TF32, the eager path's do not), and no dropout to apply to its output."""
+        return (self.fused_gemm and not torch.is_grad_enabled() and x.dtype in (torch.bfloat16, torch.float16)
+                and not (self.training and self.dropout))
 
     def _gate_up(self, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, scale: torch.Tensor | None
                  ) -> torch.Tensor:
