@@ -97,9 +97,53 @@ def fill_sources(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return out.clamp(0, 1)
 
 
-def synthesize_defects(images: torch.Tensor, g: torch.Generator, p_defect: float = 0.5
+def dominant_angle(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's texture direction (B,) in radians (image axes, x right, y down), the way its grain,
+    rolling or brushing marks run, and how clearly (B,) coherence in [0, 1] (0: no direction), from
+    the mean structure tensor of the grey image at a quarter of its resolution (pixel noise has none)."""
+    grey = F.avg_pool2d(images.mean(1, keepdim=True), 4)
+    gx = grey[..., 1:-1, 2:] - grey[..., 1:-1, :-2]
+    gy = grey[..., 2:, 1:-1] - grey[..., :-2, 1:-1]
+    jxx, jyy, jxy = (gx * gx).mean((1, 2, 3)), (gy * gy).mean((1, 2, 3)), (gx * gy).mean((1, 2, 3))
+    gradient = 0.5 * torch.atan2(2 * jxy, jxx - jyy)  # the gradients' main direction, across the grain
+    coherence = torch.sqrt((jxx - jyy) ** 2 + 4 * jxy**2) / (jxx + jyy).clamp_min(1e-12)
+    return gradient + math.pi / 2, coherence
+
+
+def streak_defects(images: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Faint, soft, elongated shading along the surface's own direction where it has one (rolled-in
+    marks, roll and die lines, streaks on rolled, drawn or brushed surfaces): 9 to 31 grey levels at the
+    centre, fading out, no edge. images (B,3,S,S) in [0,1] -> (images, visible change (B,1,S,S))."""
+    b, _, s, _ = images.shape
+    dev = images.device
+    along, coherence = dominant_angle(images)
+    follow = (torch.rand(b, generator=g).to(dev) < 0.75) & (coherence > 0.05)
+    angle = torch.where(follow, along + torch.randn(b, generator=g).to(dev) * math.radians(8),
+                        torch.rand(b, generator=g).to(dev) * math.pi)
+    yy, xx = torch.meshgrid(torch.arange(s, device=dev).float(), torch.arange(s, device=dev).float(), indexing="ij")
+    c = ((torch.rand(b, 2, generator=g) * 0.7 + 0.15) * s).to(dev)
+    length = (torch.rand(b, generator=g) * 0.4 + 0.15).to(dev) * s  # semi-axes
+    width = (length / (torch.rand(b, generator=g) * 3.5 + 1.5).to(dev)).clamp_min(1.5)
+    dy, dx = yy - c[:, 0].view(b, 1, 1), xx - c[:, 1].view(b, 1, 1)
+    cos, sin = angle.cos().view(b, 1, 1), angle.sin().view(b, 1, 1)
+    u, v = (dx * cos + dy * sin) / length.view(b, 1, 1), (-dx * sin + dy * cos) / width.view(b, 1, 1)
+    profile = torch.exp(-2 * (u**2 + v**2)).unsqueeze(1)  # (B,1,S,S), 1 at the centre
+    amount = torch.empty(b, 1, 1, 1).uniform_(0.035, 0.12, generator=g).to(dev)  # 9-31 grey levels at the centre
+    sign = torch.where(torch.rand(b, 1, 1, 1, generator=g) < 0.7, -1.0, 1.0).to(dev)  # mostly darker
+    out = (images + sign * amount * profile).clamp(0, 1)
+    changed = ((out - images).abs().amax(1, keepdim=True) > STREAK_VISIBLE) & (profile > 0.3)
+    return out, changed.float()
+
+
+# A streak's label: where its shading exceeds this (about 6 grey levels of 255) and its profile is
+# more than 0.3 of its peak. Other kinds are labelled from 0.06: their edges make them visible.
+STREAK_VISIBLE = 0.025
+
+
+def synthesize_defects(images: torch.Tensor, g: torch.Generator, p_defect: float = 0.5, p_streak: float = 0.0
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Paste generic defects on a random subset of good images.
+    """Paste generic defects on a random subset of good images; a share p_streak of them are faint
+    streaks (``streak_defects``) instead.
 
     images: (B,3,S,S) in [0,1]. Returns (images, masks (B,1,S,S) in {0,1}, is_defect (B,) bool).
     """
@@ -119,5 +163,9 @@ def synthesize_defects(images: torch.Tensor, g: torch.Generator, p_defect: float
     out = images * (1 - alpha) + fill_sources(images, g) * alpha
     # Label only what visibly changed: tiny differences are not defects.
     changed = ((out - images).abs().amax(1, keepdim=True) > 0.06).float() * (mask > 0).float()
+    if p_streak > 0:  # drawn only when asked, so that p_streak=0 keeps the random stream as it was
+        streaky = ((torch.rand(b, generator=g) < p_streak).to(dev) & defect).view(b, 1, 1, 1)
+        streaks, streak_changed = streak_defects(images, g)
+        out, changed = torch.where(streaky, streaks, out), torch.where(streaky, streak_changed, changed)
     has = changed.flatten(1).sum(1) >= 4
     return out, changed, has

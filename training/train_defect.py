@@ -99,6 +99,9 @@ class TrainConfig:
     # each training image with its mask under one of the square's 8 symmetries, drawn per image (see
     # dihedral); for surfaces without a fixed orientation; off: a fixed camera's geometry is "normal"
     dihedral: bool = False
+    # share of the generic synthetic defects drawn as faint streaks along the surface's direction
+    # (anomaly_synthesis.streak_defects); 0 = none
+    streak_share: float = 0.0
     # processes painting the named defects (training.named_pasting.RenderPool); None: render_workers_for(device)
     render_workers: int | None = None
     paste_types: tuple[str, ...] = DEFECT_TYPES  # named defect renderings pasted besides the generic ones
@@ -126,6 +129,8 @@ class TrainConfig:
             raise LineInspectError(f"namer_regions must be auto, model or mask, got {self.namer_regions!r}")
         if self.namer_seconds is not None and not self.name_pasted_kinds:
             raise LineInspectError("namer seconds are for the namer phase of --name-pasted-kinds; add it or drop them")
+        if not 0 <= self.streak_share <= 1:
+            raise LineInspectError(f"streak share must be between 0 and 1, got {self.streak_share:g}")
         if not 0 <= self.val_fraction <= 0.5:
             raise LineInspectError(f"validation fraction must be between 0 and 0.5, got {self.val_fraction:g}")
         if self.peak_loss < 0:
@@ -458,7 +463,7 @@ class Trainer:
         good = ~defect
         pasted, pmask, has, paintings = None, None, None, None
         if good.any():
-            pasted, pmask, has = synthesize_defects(images[good], self.gen, self.cfg.p_defect)
+            pasted, pmask, has = synthesize_defects(images[good], self.gen, self.cfg.p_defect, self.cfg.streak_share)
             if self.cfg.paste_types:
                 sources = self.train_cache.sources
                 if sources is not None:

@@ -54,7 +54,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="flip and quarter-turn each training image with its mask (the 8 symmetries of the square), for "
                    "surfaces with no fixed orientation: their own features (turning centres) are seen in new places "
                    "(synthetic metal recipe, threshold set for 4%% false rejects on each held-out line's own good "
-                   "parts: defects missed 30 / 4 of 175 -> 1 / 0, bench/RESULTS.md session 22); leave off where the camera's geometry is part of normal")
+                   "parts: defects missed 30 / 4 of 175 -> 1 / 0, bench/RESULTS.md session 22); leave off where the "
+                   "camera's geometry is part of normal")
+    p.add_argument("--streak-share", type=float, default=0.0, metavar="SHARE",
+                   help="share of the generic synthetic defects drawn as faint soft streaks along the surface's own "
+                   "direction (rolled, drawn or brushed surfaces; default 0)")
     p.add_argument("--render-workers", type=int, default=None, metavar="N",
                    help="processes painting the pasted named defects (default: on a GPU host all cores but two, up "
                    "to 8; none on a CPU, whose cores train the model)")
@@ -139,6 +143,6 @@ def train_defect(args: argparse.Namespace, dataset) -> None:
         precision=args.precision, name_pasted_kinds=args.name_pasted_kinds, bandpass=args.bandpass,
         ridges=args.ridges, chroma=args.chroma, namer_regions=args.namer_regions,
         namer_seconds=args.namer_seconds, val_fraction=args.val_fraction, peak_loss=args.peak_loss,
-        render_workers=args.render_workers, dihedral=args.dihedral_jitter,
+        render_workers=args.render_workers, dihedral=args.dihedral_jitter, streak_share=args.streak_share,
     )
     Trainer(config, dataset, args.out, resume=args.resume).run()

@@ -259,3 +259,13 @@ def test_dihedral_jitter_is_off_by_default_and_trains_when_asked(line, tmp_path)
                  "--batch-size", "8", "--dihedral-jitter", "--out", str(out)]) == 0
     training = json.loads((out / "config.json").read_text())["training"]
     assert training["config"]["dihedral"] is True and training["steps"]["defect"] >= 1
+
+
+def test_streak_share_is_off_by_default_and_reaches_the_config(line, tmp_path) -> None:
+    assert TrainConfig().streak_share == 0.0
+    out = tmp_path / "m"
+    assert main(["train", "--data", str(line), "--preset", "tiny", "--img-size", "64", "--steps", "3",
+                 "--batch-size", "8", "--streak-share", "0.5", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["training"]["config"]["streak_share"] == 0.5
+    with pytest.raises(LineInspectError, match="streak share"):
+        TrainConfig(streak_share=1.5).resolved()
