@@ -3,8 +3,10 @@
 # parts clear of every box, defects around that kind's boxes), a defect model trained on its good parts
 # alone (synthetic pasting; ARMS "base dihedral" adds an arm with --dihedral-jitter), then `lineinspect
 # eval` and bench/score_sources.py on its test split. One JSON line per model in $R/evals.jsonl and
-# $R/sources.jsonl. TRAIN_ARGS adds `lineinspect train` options to every arm, TAG names those models.
-#   R=/tmp/neu PRESET=tiny STEPS=300 bash bench/neu_unseen.sh        (cpu2-avx2: ~6 min a model)
+# $R/sources.jsonl. TRAIN_ARGS adds `lineinspect train` options to every arm, TAG names those models,
+# SEED (default 0) seeds the training.
+#   R=/tmp/neu PRESET=tiny STEPS=300 TRAIN_ARGS="--img-size 64" bash bench/neu_unseen.sh   (cpu2-avx2: ~2 min a
+#   model; ~6 at the preset's 128 px)
 set -eu
 R=${R:-runs/neu_unseen}; PRESET=${PRESET:-tiny}; STEPS=${STEPS:-300}; DEVICE=${DEVICE:-cpu}
 KINDS=${KINDS:-"inclusion scratches patches rolled-in_scale"}
