@@ -28,12 +28,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from lineinspect.training.datasets import open_dataset
+from lineinspect.training.datasets import Sample, open_dataset
 
 MARGIN = 4  # px kept clear around each box for a good window
 
 
-def box_masks(sample, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def box_masks(sample: Sample, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """(the boxes' union, the same grown by MARGIN) as bool (H, W) arrays."""
     exact, grown = np.zeros(shape, bool), np.zeros(shape, bool)
     for x0, y0, x1, y1 in sample.boxes:
@@ -97,7 +97,7 @@ def main() -> None:
     out = Path(args.out)
     counts: dict[str, int] = {}
 
-    def keep(sample) -> bool:
+    def keep(sample: Sample) -> bool:
         return kinds is None or sample.label in kinds
 
     def write(folder: str, stem: str, window: np.ndarray, mask: np.ndarray | None = None) -> None:

@@ -56,15 +56,22 @@ def stroke_masks(b: int, size: int, g: torch.Generator, device: torch.device) ->
     return torch.from_numpy(masks).to(device).unsqueeze(1).float()
 
 
-def ellipse_masks(b: int, size: int, g: torch.Generator, device: torch.device) -> torch.Tensor:
+def rotated_coords(size: int, centre: torch.Tensor, angle: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel coordinates (B, S, S) along and across a direction: centre (B, 2) as (y, x), angle (B,)
+    radians from the x axis towards y."""
+    b, device = len(angle), angle.device
     yy, xx = torch.meshgrid(torch.arange(size, device=device).float(),
                             torch.arange(size, device=device).float(), indexing="ij")
+    dy, dx = yy - centre[:, 0].view(b, 1, 1), xx - centre[:, 1].view(b, 1, 1)
+    cos, sin = angle.cos().view(b, 1, 1), angle.sin().view(b, 1, 1)
+    return dx * cos + dy * sin, -dx * sin + dy * cos
+
+
+def ellipse_masks(b: int, size: int, g: torch.Generator, device: torch.device) -> torch.Tensor:
     c = (torch.rand(b, 2, generator=g) * size).to(device)
     ax = ((torch.rand(b, 2, generator=g) * 0.15 + 0.015) * size).to(device)
     th = (torch.rand(b, generator=g) * math.pi).to(device)
-    dy, dx = yy - c[:, 0].view(b, 1, 1), xx - c[:, 1].view(b, 1, 1)
-    cos, sin = th.cos().view(b, 1, 1), th.sin().view(b, 1, 1)
-    u, v = dx * cos + dy * sin, -dx * sin + dy * cos
+    u, v = rotated_coords(size, c, th)
     inside = (u / ax[:, 0].view(b, 1, 1)) ** 2 + (v / ax[:, 1].view(b, 1, 1)) ** 2 < 1
     return inside.unsqueeze(1).float()
 
@@ -97,6 +104,11 @@ def fill_sources(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return out.clamp(0, 1)
 
 
+# A streak's label: where its shading exceeds this (about 6 grey levels of 255) and its profile is
+# more than 0.3 of its peak. Other kinds are labelled from 0.06: their edges make them visible.
+STREAK_VISIBLE = 0.025
+
+
 def dominant_angle(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each image's texture direction (B,) in radians (image axes, x right, y down), the way its grain,
     rolling or brushing marks run, and how clearly (B,) coherence in [0, 1] (0: no direction), from
@@ -120,24 +132,17 @@ def streak_defects(images: torch.Tensor, g: torch.Generator) -> tuple[torch.Tens
     follow = (torch.rand(b, generator=g).to(dev) < 0.75) & (coherence > 0.05)
     angle = torch.where(follow, along + torch.randn(b, generator=g).to(dev) * math.radians(8),
                         torch.rand(b, generator=g).to(dev) * math.pi)
-    yy, xx = torch.meshgrid(torch.arange(s, device=dev).float(), torch.arange(s, device=dev).float(), indexing="ij")
     c = ((torch.rand(b, 2, generator=g) * 0.7 + 0.15) * s).to(dev)
     length = (torch.rand(b, generator=g) * 0.4 + 0.15).to(dev) * s  # semi-axes
     width = (length / (torch.rand(b, generator=g) * 3.5 + 1.5).to(dev)).clamp_min(1.5)
-    dy, dx = yy - c[:, 0].view(b, 1, 1), xx - c[:, 1].view(b, 1, 1)
-    cos, sin = angle.cos().view(b, 1, 1), angle.sin().view(b, 1, 1)
-    u, v = (dx * cos + dy * sin) / length.view(b, 1, 1), (-dx * sin + dy * cos) / width.view(b, 1, 1)
+    u, v = rotated_coords(s, c, angle)
+    u, v = u / length.view(b, 1, 1), v / width.view(b, 1, 1)
     profile = torch.exp(-2 * (u**2 + v**2)).unsqueeze(1)  # (B,1,S,S), 1 at the centre
     amount = torch.empty(b, 1, 1, 1).uniform_(0.035, 0.12, generator=g).to(dev)  # 9-31 grey levels at the centre
     sign = torch.where(torch.rand(b, 1, 1, 1, generator=g) < 0.7, -1.0, 1.0).to(dev)  # mostly darker
     out = (images + sign * amount * profile).clamp(0, 1)
     changed = ((out - images).abs().amax(1, keepdim=True) > STREAK_VISIBLE) & (profile > 0.3)
     return out, changed.float()
-
-
-# A streak's label: where its shading exceeds this (about 6 grey levels of 255) and its profile is
-# more than 0.3 of its peak. Other kinds are labelled from 0.06: their edges make them visible.
-STREAK_VISIBLE = 0.025
 
 
 def synthesize_defects(images: torch.Tensor, g: torch.Generator, p_defect: float = 0.5, p_streak: float = 0.0
