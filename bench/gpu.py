@@ -631,6 +631,12 @@ def moe_section(rec: Recorder, plan: Plan, device: torch.device) -> None:
                 cuda_measure(rec, f"MoE grouped_mm {n_tokens} tok fwd, CUDA graph, eager element-wise",
                              device, forward_only, moe, x, device, plan, flops, graph=True)
                 set_fused_kernels(block, True)
+                block.fused_dispatch = False  # the A/B of the Triton route-and-dispatch kernels
+                cuda_measure(rec, f"MoE grouped_mm {n_tokens} tok fwd, CUDA graph, eager dispatch",
+                             device, forward_only, moe, x, device, plan, flops, graph=True)
+                cuda_measure(rec, f"MoE grouped_mm {n_tokens} tok fwd, GPU kernels, eager dispatch", device,
+                             kernel_entry, moe, x)
+                block.fused_dispatch = True
                 column_major_experts(block.experts, True)  # the A/B of the expert weights' storage
                 cuda_measure(rec, f"MoE grouped_mm {n_tokens} tok fwd, CUDA graph, column-major expert weights",
                              device, forward_only, moe, x, device, plan, flops, graph=True)

@@ -8,6 +8,9 @@ timeout 240 python3 bench/moe_fused_gemm.py --out "$OUT/moe_fused_gemm.jsonl" > 
   || tail -20 /tmp/moe_fused_gemm.txt >> "$OUT/log.txt"
 sed -n '/^| measurement/,$p' /tmp/moe_fused_gemm.txt | cut -c1-220 >> "$OUT/log.txt"
 log bench done
+timeout 120 python3 bench/gpu.py --only-moe --out "$OUT/gpu_moe.jsonl" > /tmp/gpu_moe.txt 2>&1 || tail -20 /tmp/gpu_moe.txt >> "$OUT/log.txt"
+cp /tmp/gpu_moe.txt "$OUT/"
+log gpu.py moe done
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/moe_lm > /tmp/moe_tests.txt 2>&1
 grep -E "FAILED|ERROR|passed|failed" /tmp/moe_tests.txt | tail -12 >> "$OUT/log.txt"
 log tests done

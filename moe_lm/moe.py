@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lineinspect.moe_lm.config import DecoderConfig
+from lineinspect.moe_lm.dispatch import count_dispatch, route_and_dispatch
 from lineinspect.moe_lm.experts import RoutedExperts, SwiGLU
 from lineinspect.moe_lm.fused import gather_sum
 from lineinspect.moe_lm.router import Router, RouterOutput
@@ -35,7 +36,8 @@ class MoEBlock(nn.Module):
 
     Dispatch, all on the device with static shapes (no host sync, so the block runs under a CUDA
     graph): the N * k (token, slot) assignments are placed in expert order by counting (within an
-    expert the earlier token in flattened B*T order comes first); the token rows are gathered in
+    expert the earlier token in flattened B*T order comes first; `moe_lm.dispatch`, two Triton
+    kernels with the router's top-k at inference on CUDA); the token rows are gathered in
     that order (or read in place by `moe_lm.fused_gemm`'s kernel) and all experts run grouped, each
     row's router weight folded into its expert's hidden activation. The outputs go back to token
     order by a gather (not an atomic scatter-add) and each token's k rows are summed onto the shared
@@ -65,7 +67,8 @@ class MoEBlock(nn.Module):
         self.shared = SwiGLU(config.width, shared_hidden) if config.n_shared_experts else None
         self.overlap_shared = True  # side stream for the shared experts (CUDA, no autograd); off for A/B timing
         self.dense_dispatch_rows = DENSE_DISPATCH_ROWS  # 0 = always sorted dispatch (A/B timing)
-        self.fused_kernels = True  # Triton gather-and-sum at inference on CUDA (moe_lm.fused); off for A/B timing
+        self.fused_kernels = True  # Triton dispatch and gather-and-sum at inference on CUDA; off for A/B timing
+        self.fused_dispatch = True  # of those, the route-and-dispatch kernels alone (A/B timing)
         self._side_stream: torch.cuda.Stream | None = None
 
     def __getstate__(self) -> dict:
@@ -87,48 +90,39 @@ class MoEBlock(nn.Module):
                 shared = self.shared(flat)
         elif self.shared is not None:
             shared = self.shared(flat)
-        route = self.router(flat)
+        logits = self.router.scores(flat)
         few = not self.training and N * E <= self.dense_dispatch_rows
         if few:
-            routed, counts, overflow = self._all_experts(flat, route)
+            routed, counts, overflow = self._all_experts(flat, self.router.select(logits))
         else:
-            rows, row_of, counts, overflow = self._grouped(flat, route)
+            rows, row_of, counts, overflow = self._grouped(flat, logits)
         if side is not None:
             torch.cuda.current_stream(flat.device).wait_stream(side)
         if few:
             out = routed if shared is None else routed + shared.to(routed.dtype)
         else:
             out = gather_sum(shared, rows, row_of, self.fused_kernels)
-        return out.view(B, T, C), MoEStats(route.logits, counts, overflow)
+        return out.view(B, T, C), MoEStats(logits, counts, overflow)
 
-    def _grouped(self, flat: torch.Tensor, route: RouterOutput
+    def _grouped(self, flat: torch.Tensor, logits: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Dispatch by counting, then the grouped experts -> the (M = N * k, C) weighted expert
-        outputs in expert order, the (N, k) row of each token's assignments there, and the
-        per-expert counts (E,) and overflow (E,).
-
-        An assignment's place in its expert's group is the number of earlier assignments to that
-        expert: a running count over the one-hot choices (E x M, a few small kernels; a radix sort of
-        the expert ids cost ~25 us at 8,192 assignments on an H100)."""
-        (N, k), E = route.indices.shape, self.n_experts
-        M = N * k
-        expert = route.indices.reshape(-1)  # (M,) in (token, slot) order
-        # (E, M), scanned along its inner dim: the scan along an outer dim of (M, E) ran one thread per
-        # column, 1.4 ms at 8,192 assignments on an H100
-        chosen = torch.zeros(E, M, dtype=torch.int32, device=flat.device).scatter_(0, expert[None], 1)
-        seen = chosen.cumsum(1, dtype=torch.int32)  # (E, M): assignments to each expert so far
-        counts = seen[:, -1].long()  # (E,)
-        rank = seen.gather(0, expert[None]).squeeze(0) - 1  # (M,) place in its expert's group
-        ends = counts.cumsum(0)  # (E,) end row of each group
-        row_of = (ends - counts).index_select(0, expert) + rank  # (M,)
-        order = torch.empty_like(row_of).scatter_(0, row_of, torch.arange(M, device=flat.device))  # inverse
-        weight, overflow = route.weights.reshape(-1), torch.zeros_like(counts)
-        if self.training and self.capacity_factor is not None:
-            capacity = expert_capacity(self.capacity_factor, N, k, E)
-            weight = weight * (rank < capacity)
-            overflow = (counts - capacity).clamp(min=0)
-        rows = self.experts(flat, ends.to(torch.int32), weight.index_select(0, order), index=order // k)
-        return rows, row_of.view(N, k), counts, overflow
+        """Route and dispatch (``moe_lm.dispatch``), then the grouped experts -> the (M = N * k, C)
+        weighted expert outputs in expert order, the (N, k) row of each token's assignments there,
+        and the per-expert counts (E,) and overflow (E,)."""
+        N, E, k = flat.shape[0], self.n_experts, self.top_k
+        dispatch = None
+        if self.fused_kernels and self.fused_dispatch and not self.training:
+            dispatch = route_and_dispatch(logits, k, self.router.balance_bias)
+        if dispatch is None:
+            capacity = None
+            if self.training and self.capacity_factor is not None:
+                capacity = expert_capacity(self.capacity_factor, N, k, E)
+            route = self.router.select(logits)
+            dispatch, overflow = count_dispatch(route.indices, route.weights, E, capacity)
+        else:
+            overflow = torch.zeros_like(dispatch.counts)
+        rows = self.experts(flat, dispatch.ends, dispatch.scale, index=dispatch.token)
+        return rows, dispatch.row_of, dispatch.counts, overflow
 
     def _all_experts(self, flat: torch.Tensor, route: RouterOutput
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -32,7 +32,14 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         """x: (N, C)."""
-        logits = self.proj(x).float()  # (N, E)
+        return self.select(self.scores(x))
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, C) -> the logits (N, E) in float32."""
+        return self.proj(x).float()
+
+    def select(self, logits: torch.Tensor) -> RouterOutput:
+        """The top-k experts of each row of `logits` (N, E) and their renormalised weights."""
         if self.balance_bias is None:
             # The top-k of the logits are those of the probabilities, and the softmax of the chosen
             # logits is their renormalised probabilities: two small kernels instead of five.
