@@ -5,11 +5,13 @@ curve a line runs in).
 Calibration picks one source on a few dozen validation images; this shows what each would have
 scored on held-out data, which is how the source-selection margin in training was set.
 
-    python bench/score_sources.py MODEL_DIR DATA_DIR [--with-train-goods] [--json FILE]
+    python bench/score_sources.py MODEL_DIR DATA_DIR [--with-train-goods] [--precision auto|fp32] [--json FILE]
 
 --with-train-goods adds the data set's training good parts to its test goods: for a line the model
 never trained on (a held-out synthetic line) they are 200 more unseen good parts, so the count of
-good parts flagged rests on 250 instead of 50 (also at the model's own threshold).
+good parts flagged rests on 250 instead of 50 (also at the model's own threshold). The model runs
+in the Inspector's precision (`--precision`, as `lineinspect serve`: auto = bf16 where the device
+computes it natively), without its CUDA graphs.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from lineinspect.training.datasets import open_dataset
 from lineinspect.training.metrics import image_auroc
 from lineinspect.vision.inspector import image_scores
 from lineinspect.vision.model_io import load_inspector
+from lineinspect.vision.precision import autocast
 from lineinspect.vision.preprocess import to_batch
 
 RECALLS = (0.95, 0.975)
@@ -36,9 +39,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--with-train-goods", action="store_true",
                     help="add the training good parts (only for data the model did not train on)")
+    ap.add_argument("--precision", default="auto", help="auto (bf16 where native) or fp32")
     ap.add_argument("--json", type=argparse.FileType("a"), help="append one JSON line of the figures here")
     args = ap.parse_args()
-    inspector = load_inspector(args.model, args.device)
+    inspector = load_inspector(args.model, args.device, cuda_graphs=False, precision=args.precision)
     dataset = open_dataset(args.data)
     samples = dataset.test + ([s for s in dataset.train if not s.is_defect] if args.with_train_goods else [])
     scores: dict[str, list[float]] = {}
@@ -46,12 +50,14 @@ def main() -> None:
         for start in range(0, len(samples), 16):
             chunk = samples[start : start + 16]
             batch = to_batch([s.load_image() for s in chunk], inspector.input_size, inspector.device)
-            out = inspector.model(batch, use_memory=True)
+            with autocast(inspector.device, inspector.autocast_dtype):
+                out = inspector.model(batch, use_memory=True)
             for name, values in image_scores(out, inspector.calibration).items():
                 scores.setdefault(name, []).extend(values.float().cpu().tolist())
     labels = np.array([s.is_defect for s in samples])
     cal = inspector.calibration
-    figures = {"model": args.model, "data": args.data, "n_good": int((~labels).sum()), "n_defect": int(labels.sum()),
+    figures = {"model": args.model, "data": args.data, "precision": inspector.precision,
+               "n_good": int((~labels).sum()), "n_defect": int(labels.sum()),
                "score_source": cal.score_source, "threshold": cal.threshold}
     for name, values in scores.items():
         v = np.array(values)

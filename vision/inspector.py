@@ -48,6 +48,8 @@ class Calibration:
     score_source: str = "head"  # which image score decides (chosen on validation)
     threshold: float = 0.5  # image score >= threshold -> defect
     pixel_threshold: float = 0.5  # anomaly map >= this -> defect region (boxes)
+    # how an unbounded peak becomes a score (`squash_peak`); models calibrated before it existed: "sigmoid"
+    peak_squash: str = "rational"
     memory_mean: float = 0.0  # good-image statistics of the memory bank's peak distance
     memory_std: float = 1.0
     novelty_mean: float = 1.0  # good-image statistics of the peak self-similarity novelty
@@ -74,6 +76,7 @@ class Calibration:
     def from_dict(cls, data: dict) -> Calibration:
         data = dict(data)
         data["class_names"] = tuple(data.get("class_names", ()))
+        data.setdefault("peak_squash", "sigmoid")
         return cls(**data)
 
 
@@ -81,17 +84,30 @@ def image_scores(out: DefectOutput, cal: Calibration) -> dict[str, torch.Tensor]
     """Every candidate image score (B,) for this output; all in [0, 1]."""
     head = 0.5 * (out.map_score + out.image_prob)
     scores = {"image": out.image_prob, "map": out.map_score, "head": head}
-    # Unbounded peaks become probabilities by their good-image statistics: 2 sigma above the
-    # good images' mean is even odds.
     if out.memory_map is not None:
-        peak = out.memory_map.flatten(1).amax(1)
-        scores["memory"] = torch.sigmoid((peak - cal.memory_mean) / max(cal.memory_std, 1e-6) - 2.0)
+        peak = out.memory_map.flatten(1).amax(1).float()
+        scores["memory"] = squash_peak((peak - cal.memory_mean) / max(cal.memory_std, 1e-6), cal.peak_squash)
     if out.novelty_score is not None:
-        scores["novelty"] = torch.sigmoid((out.novelty_score - cal.novelty_mean) / max(cal.novelty_std, 1e-6) - 2.0)
+        z = (out.novelty_score.float() - cal.novelty_mean) / max(cal.novelty_std, 1e-6)
+        scores["novelty"] = squash_peak(z, cal.peak_squash)
     extra = [scores[k] for k in ("memory", "novelty") if k in scores]
     if extra:
         scores["fused"] = (head + sum(extra)) / (1 + len(extra))
     return scores
+
+
+def squash_peak(z: torch.Tensor, how: str = "rational") -> torch.Tensor:
+    """An unbounded peak, standardised by the good images' statistics (z), as a score in (0, 1):
+    2 sigma above the good images' mean is even odds. "rational" (0.5 + 0.5 t / (1 + |t|), t = z - 2)
+    keeps the order of peaks far out in the tail, up to z ~ 1e7 in float32; "sigmoid", which earlier
+    models were calibrated with, rounds every z past ~19 to 1.0, and where the validation goods'
+    spread is narrow that tied whole test sets (an s14 model on real steel: memory-bank AUROC 0.5)."""
+    t = z - 2.0
+    if how == "sigmoid":
+        return torch.sigmoid(t)
+    if how != "rational":
+        raise LineInspectError(f"unknown peak squash {how!r}: 'rational' or 'sigmoid'")
+    return 0.5 + 0.5 * t / (1.0 + t.abs())
 
 
 def calibrated_score(out: DefectOutput, cal: Calibration) -> torch.Tensor:
@@ -110,7 +126,8 @@ def uses_memory(cal: Calibration) -> bool:
 
 def graph_fields(cal: Calibration) -> tuple:
     """The calibration fields that CUDA graphs compute with (thresholds are applied on the host)."""
-    return cal.score_source, cal.memory_mean, cal.memory_std, cal.novelty_mean, cal.novelty_std, bool(cal.class_names)
+    return (cal.score_source, cal.peak_squash, cal.memory_mean, cal.memory_std, cal.novelty_mean, cal.novelty_std,
+            bool(cal.class_names))
 
 
 def cpu_bf16_copy(model: DefectModel) -> DefectModel | None:
