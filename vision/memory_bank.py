@@ -19,7 +19,7 @@ def patch_descriptors(features: list[torch.Tensor]) -> torch.Tensor:
     A 3x3 average over neighbours gives each patch a little context (as PatchCore does), and
     each layer is L2-normalised so no layer dominates the distance.
     """
-    parts = [F.normalize(F.avg_pool2d(f, 3, 1, 1), dim=1) for f in features]
+    parts = [F.normalize(F.avg_pool2d(f.float(), 3, 1, 1), dim=1) for f in features]  # float32: nearest_distance
     x = torch.cat(parts, 1)  # (B, D, h, w)
     return x.flatten(2).transpose(1, 2)
 
@@ -33,6 +33,12 @@ def greedy_coreset(x: torch.Tensor, size: int, seed: int = 0, proj_dim: int = 64
     n = x.shape[0]
     if size >= n:
         return torch.arange(n, device=x.device)
+    with torch.autocast(x.device.type, enabled=False):  # float32, as nearest_distance
+        return _greedy_coreset(x.float(), size, seed, proj_dim)
+
+
+def _greedy_coreset(x: torch.Tensor, size: int, seed: int, proj_dim: int) -> torch.Tensor:
+    n = x.shape[0]
     g = torch.Generator(device="cpu").manual_seed(seed)
     proj = torch.randn(x.shape[1], min(proj_dim, x.shape[1]), generator=g).to(x)
     z = x @ proj  # (N, d)
@@ -48,12 +54,19 @@ def greedy_coreset(x: torch.Tensor, size: int, seed: int = 0, proj_dim: int = 64
 
 
 def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """Distance of each query row (M, D) to its nearest bank row (K, D) -> (M,), chunked matmuls."""
-    bank_sq = (bank * bank).sum(1)  # (K,)
-    out = []
-    for q in queries.split(chunk):
-        d2 = (q * q).sum(1, keepdim=True) - 2.0 * q @ bank.T + bank_sq  # (m, K)
-        out.append(d2.min(1).values.clamp_min(0).sqrt())
+    """Distance of each query row (M, D) to its nearest bank row (K, D) -> (M,), chunked matmuls.
+
+    Always in float32 with autocast off: the expanded form subtracts numbers near ||q||^2 + ||b||^2
+    (2 for these unit-norm layers), and in bf16 every distance under ~0.1 rounds to 0, while a
+    from-scratch encoder's good and defective patches lie 0.005-0.02 apart (on real steel, bf16
+    autocast had turned the memory-bank source into noise: image AUROC 0.50 against 0.80)."""
+    with torch.autocast(queries.device.type, enabled=False):
+        queries, bank = queries.float(), bank.float()
+        bank_sq = (bank * bank).sum(1)  # (K,)
+        out = []
+        for q in queries.split(chunk):
+            d2 = (q * q).sum(1, keepdim=True) - 2.0 * q @ bank.T + bank_sq  # (m, K)
+            out.append(d2.min(1).values.clamp_min(0).sqrt())
     return torch.cat(out)
 
 

@@ -60,6 +60,22 @@ def test_memory_bank_nearest_distance_matches_cdist() -> None:
     assert len(set(idx.tolist())) == 10
 
 
+def test_memory_bank_distances_stay_float32_under_bf16_autocast() -> None:
+    """Unit descriptors 0.005-0.02 apart, as a from-scratch encoder's patches are: bf16 products
+    would round all of these distances to 0 (the expanded form subtracts numbers near 2)."""
+    g = torch.Generator().manual_seed(0)
+    centre = torch.nn.functional.normalize(torch.randn(1, 64, generator=g), dim=1)
+    bank = torch.nn.functional.normalize(centre + 0.002 * torch.randn(200, 64, generator=g), dim=1)
+    queries = torch.nn.functional.normalize(centre + 0.002 * torch.randn(40, 64, generator=g), dim=1)
+    expected = torch.cdist(queries.double(), bank.double()).min(1).values.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = nearest_distance(queries, bank)
+        kept = greedy_coreset(bank, 20)
+    assert got.dtype == torch.float32 and float(expected.min()) > 0.005
+    torch.testing.assert_close(got, expected, rtol=0.02, atol=5e-4)
+    assert len(set(kept.tolist())) == 20
+
+
 def test_fitted_memory_bank_scores_outlier_patches_higher() -> None:
     model = small_model().eval()
     good = torch.full((4, 3, 64, 64), 0.5) + 0.02 * torch.rand(4, 3, 64, 64)

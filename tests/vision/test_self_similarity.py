@@ -43,3 +43,11 @@ def test_inference_then_training_on_the_same_grid() -> None:
     trainable = feats.clone().requires_grad_(True)
     self_similarity_map(trainable).sum().backward()  # the cached grid mask must not be an inference tensor
     assert trainable.grad is not None
+
+
+def test_bf16_autocast_gives_the_float32_map() -> None:
+    feats = 100.0 + _texture()  # large common offset: the expanded distance form cancels most of it
+    feats[0, :, 7, 4] += 1.0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = self_similarity_map(feats)
+    torch.testing.assert_close(under, self_similarity_map(feats), rtol=1e-3, atol=1e-3)
