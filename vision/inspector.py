@@ -255,6 +255,15 @@ class Inspector:
         self._call_hooks(batch, out)
         return out
 
+    @torch.inference_mode()
+    def source_scores(self, images: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """Every candidate image score of `image_scores` (B,) for RGB uint8 frames, the memory
+        bank's included whatever the calibrated source: for choosing the source on a line's images."""
+        batch = to_batch(images, self.input_size, self.device)
+        with autocast(self.device, self.autocast_dtype):
+            out = (self._cpu_runner or self.model)(batch, use_memory=True)
+        return {k: v.float().cpu().numpy() for k, v in image_scores(out, self.calibration).items()}
+
     def _call_hooks(self, inputs: torch.Tensor, output: DefectOutput) -> None:
         """The forward hooks of `model` (the language path's evidence tap), for calls that ran a copy."""
         for hook in list(self.model._forward_hooks.values()):

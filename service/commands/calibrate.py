@@ -13,8 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "calibrate", help="set a model's threshold for a false-reject rate on a folder of good parts",
         description="Score every image in --good (a folder, searched recursively: good parts from the line) and "
         "set the model's image threshold so that at most --target-frr of them would be rejected. --defects (labelled "
-        "defective parts) shows the recall at the old and the new threshold. The weights stay as they are; "
-        "config.json keeps the figures under calibration.notes.recalibrated. Last stdout line: JSON.",
+        "defective parts) shows the recall at the old and the new threshold and chooses the score source that catches "
+        "the most of them at that rate (--keep-source: not). The weights stay as they are; config.json keeps the "
+        "figures under calibration.notes.recalibrated. Last stdout line: JSON.",
     )
     p.add_argument("--model", required=True, type=Path, metavar="MODEL_DIR")
     p.add_argument("--good", required=True, type=Path, metavar="DIR", help="folder of good parts' images")
@@ -22,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-frr", type=float, default=0.01,
                    help="share of good parts the threshold may reject (default 0.01; resolvable from about "
                    "1 / target images on)")
+    p.add_argument("--keep-source", action="store_true",
+                   help="keep the model's score source even where the labelled defects favour another")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dry-run", action="store_true", help="print what would change, write nothing")
     p.set_defaults(func=run)
@@ -44,15 +47,17 @@ def run(args: argparse.Namespace) -> int:
     good = images(args.good, "--good")
     defects = images(args.defects, "--defects") if args.defects else []
     inspector = load_inspector(args.model, args.device)
-    result = recalibrate(inspector, good, args.target_frr, defects)
+    result = recalibrate(inspector, good, args.target_frr, defects, choose_source=not args.keep_source)
     if result.n_good * args.target_frr < 1:
         print(f"note: {result.n_good} good images cannot resolve a false-reject rate of {args.target_frr:g}; the "
               "threshold is set above all of them", file=sys.stderr)
     print(f"threshold {result.old_threshold:.4f} -> {result.new_threshold:.4f}: good parts rejected "
           f"{result.frr_at_old:.1%} -> {result.frr_at_new:.1%} of {result.n_good}", file=sys.stderr)
     if result.n_defect:
-        print(f"defects caught {result.recall_at_old:.1%} -> {result.recall_at_new:.1%} of {result.n_defect}",
-              file=sys.stderr)
+        for name, f in result.sources.items():
+            print(f"  {name:8s} catches {f['recall']:.1%} at that rate, image AUROC {f['auroc']:.3f}", file=sys.stderr)
+        print(f"score source {result.old_source} -> {result.new_source}; defects caught {result.recall_at_old:.1%} -> "
+              f"{result.recall_at_new:.1%} of {result.n_defect}", file=sys.stderr)
     if not args.dry_run:
         write_threshold(args.model, result)
         print(f"wrote {args.model / 'config.json'}", file=sys.stderr)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lineinspect.service.cli import main
-from lineinspect.training.recalibrate import score_images
+from lineinspect.training.recalibrate import best_source, compare_sources, score_images
 from lineinspect.vision.inspector import Calibration
 from lineinspect.vision.model_io import load_inspector, read_model_config, save_model_dir, untrained_inspector
 
@@ -39,8 +39,11 @@ def test_calibrate_sets_the_threshold_for_the_false_reject_rate(model_dir: Path,
     assert main(["calibrate", "--model", str(model_dir), "--good", str(tmp_path / "good"),
                  "--defects", str(tmp_path / "defects"), "--target-frr", "0.1"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    scores = np.sort(score_images(load_inspector(model_dir), good))  # subfolders included
-    threshold = load_inspector(model_dir).calibration.threshold
+    calibration = load_inspector(model_dir).calibration
+    assert calibration.score_source == result["new_source"] and result["old_source"] == "head"
+    assert set(result["sources"]) == {"image", "map", "head", "novelty", "fused"}  # no memory bank fitted: no memory
+    scores = np.sort(score_images(load_inspector(model_dir), good)[result["new_source"]])  # subfolders included
+    threshold = calibration.threshold
     assert threshold == pytest.approx(result["new_threshold"], abs=1e-5) and result["written"]
     assert (scores >= threshold).sum() == 2 and scores[-3] < threshold  # floor(0.1 * 20) rejected
     assert result["n_good"] == 20 and result["n_defect"] == 4 and result["frr_at_new"] == pytest.approx(0.1)
@@ -67,3 +70,27 @@ def test_bad_inputs_are_named(model_dir: Path, tmp_path: Path, capsys: pytest.Ca
     (tmp_path / "good" / "broken.png").unlink()
     assert main(["calibrate", "--model", str(model_dir), "--good", str(tmp_path / "good"), "--target-frr", "1.5"]) == 2
     assert "--target-frr" in capsys.readouterr().err
+
+
+def test_labelled_defects_choose_the_source_that_catches_them() -> None:
+    rng = np.random.default_rng(0)
+    good = {"head": rng.uniform(0.0, 1.0, 200), "fused": rng.uniform(0.0, 0.5, 200)}
+    defects = {"head": rng.uniform(0.0, 1.0, 8), "fused": rng.uniform(0.6, 1.0, 8)}  # head: chance
+    figures = compare_sources(good, defects, target_frr=0.04)
+    assert figures["fused"] == {"recall": 1.0, "auroc": 1.0} and figures["head"]["recall"] < 0.5
+    assert best_source(figures, current="head") == "fused"
+    tie = {"head": {"recall": 1.0, "auroc": 1.0}, "fused": {"recall": 1.0, "auroc": 1.0}}
+    assert best_source(tie, current="head") == "head"  # nothing to gain: the source in use stays
+    noisy = {**tie, "head": {"recall": 0.6, "auroc": 0.9}, "novelty": {"recall": 1.0, "auroc": 1.0}}
+    assert best_source(noisy, current="head") == "fused"  # components alone are not candidates
+    assert best_source(noisy, current="novelty") == "novelty"  # but the source in use is
+
+
+def test_keep_source_sets_only_the_threshold(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_images(tmp_path / "good", 10, seed=0)
+    write_images(tmp_path / "defects", 3, seed=1)
+    assert main(["calibrate", "--model", str(model_dir), "--good", str(tmp_path / "good"),
+                 "--defects", str(tmp_path / "defects"), "--keep-source"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["new_source"] == result["old_source"] == "head" and result["sources"]
+    assert load_inspector(model_dir).calibration.score_source == "head"
