@@ -31,6 +31,9 @@ if triton is not None:
     import triton.language as tl
 
 BLOCK_TOKENS = 128  # tokens per program; its one-hot scan holds BLOCK_TOKENS * k * experts (pow. 2) values
+# The second kernel reads every block's counts as one tile (blocks x experts, powers of two): up to
+# 1,024 blocks, 131,072 tokens. Larger batches take the eager path.
+MAX_BLOCKS = 1024
 
 
 class Dispatch(NamedTuple):
@@ -73,7 +76,10 @@ def route_and_dispatch(logits: torch.Tensor, top_k: int, bias: torch.Tensor | No
     """The router's top-k of `logits` (N, E) float32 and their dispatch in Triton; None where the
     kernels do not run (CPU, a gradient, no Triton, a failed first launch): use the eager path."""
     N, E = logits.shape
-    key = ("route_dispatch", top_k, E, bias is not None)
+    blocks = triton.cdiv(N, BLOCK_TOKENS) if triton is not None else 0
+    if blocks > MAX_BLOCKS:
+        return None
+    key = ("route_dispatch", top_k, E, bias is not None, triton.next_power_of_2(blocks) if blocks else 0)
     if not use_triton(key, logits, bias, numel=N * E * 64):  # ~12 eager kernels: pays like large work
         return None
     return _launch((*key, logits.device), lambda: _route_dispatch_triton(logits.contiguous(), top_k, bias))
@@ -97,7 +103,7 @@ def _route_dispatch_triton(logits: torch.Tensor, k: int, bias: torch.Tensor | No
     counts = torch.empty(E, dtype=torch.int64, device=dev)
     _place_kernel[(blocks,)](expert, weight, rank, block_counts, token, scale, row_of, ends, counts, N, blocks,
                              N_EXPERTS=E, EXPERTS_POW2=experts_pow2, K=k, TOKENS=BLOCK_TOKENS,
-                             SLOTS_POW2=BLOCK_TOKENS * slots_pow2)
+                             SLOTS_POW2=BLOCK_TOKENS * slots_pow2, BLOCKS_POW2=triton.next_power_of_2(blocks))
     return Dispatch(token, scale, ends, counts, row_of.view(N, k))
 
 
@@ -113,14 +119,14 @@ if triton is not None:
         cols = tl.arange(0, EXPERTS_POW2)
         col_ok = cols < N_EXPERTS
         logit = tl.load(logits_ptr + tokens[:, None].to(tl.int64) * N_EXPERTS + cols[None, :],
-                        mask=token_ok[:, None] & col_ok[None, :], other=float("-inf"))
+                        mask=token_ok[:, None] & col_ok[None, :], other=-1e30)  # finite: no NaN in padding rows
         score = logit  # top-k of the logits = top-k of the probabilities
         if HAS_BIAS:
             top = tl.max(logit, 1)
             p = tl.exp(logit - top[:, None])
             p = p / tl.sum(p, 1)[:, None]
             bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
-            score = tl.where(col_ok[None, :], p + bias[None, :], float("-inf"))
+            score = tl.where(col_ok[None, :], p + bias[None, :], -1e30)
         slots = tl.arange(0, K_POW2)
         chosen = tl.full((BLOCK, K_POW2), EXPERTS_POW2, tl.int32)  # padding slots choose no expert
         chosen_logit = tl.full((BLOCK, K_POW2), float("-inf"), tl.float32)
@@ -151,16 +157,17 @@ if triton is not None:
     def _place_kernel(expert_ptr, weight_ptr, rank_ptr, block_counts_ptr, token_ptr, scale_ptr, row_of_ptr,
                       ends_ptr, counts_ptr, n_tokens, n_blocks,
                       N_EXPERTS: tl.constexpr, EXPERTS_POW2: tl.constexpr, K: tl.constexpr, TOKENS: tl.constexpr,
-                      SLOTS_POW2: tl.constexpr):
+                      SLOTS_POW2: tl.constexpr, BLOCKS_POW2: tl.constexpr):
         block = tl.program_id(0)
         cols = tl.arange(0, EXPERTS_POW2)
         col_ok = cols < N_EXPERTS
-        earlier = tl.zeros((EXPERTS_POW2,), tl.int32)  # this expert's assignments in earlier blocks
-        total = tl.zeros((EXPERTS_POW2,), tl.int32)
-        for b in range(0, n_blocks):
-            c = tl.load(block_counts_ptr + b * N_EXPERTS + cols, mask=col_ok, other=0)
-            earlier += tl.where(b < block, c, 0)
-            total += c
+        # every block's counts as one tile (no loop with a run-time bound: Triton 3.6's interpreter
+        # cannot run one)
+        blocks = tl.arange(0, BLOCKS_POW2)
+        c = tl.load(block_counts_ptr + blocks[:, None] * N_EXPERTS + cols[None, :],
+                    mask=(blocks < n_blocks)[:, None] & col_ok[None, :], other=0)
+        earlier = tl.sum(tl.where((blocks < block)[:, None], c, 0), 0)  # each expert's rows in earlier blocks
+        total = tl.sum(c, 0)
         ends = tl.cumsum(total, 0)
         base = ends - total + earlier  # (E,) the first row of this block's assignments to each expert
         if block == 0:
