@@ -3,7 +3,8 @@ to the good parts' descriptors, with no learned weights at all.
 
 Per pixel, at Gaussian scales 1, 2, 4, 8: the smoothed grey level, |dx|, |dy|, dxx, dyy, |dxy| (scale
 normalised); then the local mean and root-mean-square of each over an 11x11 window; every fourth
-pixel of the training goods forms the bank (standardised per dimension), a test image scores the
+pixel of the training goods (images shrunk to 64 x 64; at most MAX_BANK rows) forms the bank
+(standardised per dimension), a test image scores the
 largest distance of its descriptors to their nearest bank row. It shows what plain texture
 statistics see on a line, next to the model's sources (bench/score_sources.py).
 
@@ -23,6 +24,7 @@ from lineinspect.training.metrics import image_auroc
 from lineinspect.vision.memory_bank import nearest_distance
 
 SCALES, POOL, STRIDE = (1, 2, 4, 8), 11, 4
+MAX_BANK = 80_000  # bank rows kept (a random subset beyond)
 
 
 def gaussian(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -51,9 +53,10 @@ def descriptors(grey: torch.Tensor) -> torch.Tensor:
     return d.flatten(2).transpose(1, 2)
 
 
-def grey_batch(samples: list) -> torch.Tensor:
+def grey_batch(samples: list, size: int = 64) -> torch.Tensor:
+    """Grey images in [0, 1], shrunk (area) to size x size: the scales above are for that size."""
     images = np.stack([s.load_image().mean(-1) for s in samples]).astype(np.float32) / 255.0
-    return torch.from_numpy(images)[:, None]
+    return F.adaptive_avg_pool2d(torch.from_numpy(images)[:, None], size)
 
 
 def main() -> None:
@@ -63,6 +66,7 @@ def main() -> None:
     for data in args.data:
         dataset = open_dataset(data)
         bank = descriptors(grey_batch([s for s in dataset.train if not s.is_defect])).flatten(0, 1)
+        bank = bank[torch.randperm(len(bank), generator=torch.Generator().manual_seed(0))[:MAX_BANK]]
         mean, std = bank.mean(0), bank.std(0) + 1e-6
         test = descriptors(grey_batch(dataset.test))
         dist = nearest_distance(((test - mean) / std).flatten(0, 1), (bank - mean) / std).view(len(test), -1)
