@@ -84,6 +84,9 @@ def compare_sources(good: dict[str, np.ndarray], defects: dict[str, np.ndarray],
 # noisier: on four real-steel lines mean image AUROC 0.845, against 0.865 from these two (the
 # head alone 0.793; bench/source_choice.py, bench/RESULTS.md session 23).
 CANDIDATE_SOURCES = ("head", "fused")
+# Fewer labelled defects than this show their figures but leave the source as it is: one or two
+# defects would switch it on a coin toss (bench/source_choice.py measured K = 3, 5, 8).
+MIN_DEFECTS_TO_CHOOSE = 3
 
 
 def best_source(figures: dict[str, dict[str, float]], current: str) -> str:
@@ -95,8 +98,9 @@ def best_source(figures: dict[str, dict[str, float]], current: str) -> str:
 
 def recalibrate(inspector: Inspector, good: Sequence[Path], target_frr: float,
                 defects: Sequence[Path] = (), choose_source: bool = True) -> Recalibration:
-    """The threshold that rejects at most floor(target_frr * n) of the n good parts given; with
-    labelled defects (and `choose_source`), of the score source that catches the most of them."""
+    """The threshold that rejects at most floor(target_frr * n) of the n good parts given; with at
+    least MIN_DEFECTS_TO_CHOOSE labelled defects (and `choose_source`), of the score source that
+    catches the most of them."""
     if not good:
         raise LineInspectError("calibrate: no good images given; point --good at a folder of good parts")
     if not 0.0 <= target_frr < 1.0:
@@ -105,7 +109,8 @@ def recalibrate(inspector: Inspector, good: Sequence[Path], target_frr: float,
     defect_scores = score_images(inspector, defects) if defects else None
     old, old_source = inspector.calibration.threshold, inspector.calibration.score_source
     figures = compare_sources(good_scores, defect_scores, target_frr) if defect_scores else {}
-    source = best_source(figures, old_source) if figures and choose_source else old_source
+    choose = choose_source and len(defects) >= MIN_DEFECTS_TO_CHOOSE
+    source = best_source(figures, old_source) if figures and choose else old_source
     new = threshold_for_false_reject_rate(good_scores[source], target_frr)
     g_old, g_new = good_scores[old_source], good_scores[source]
     return Recalibration(

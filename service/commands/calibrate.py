@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from lineinspect.errors import LineInspectError
     from lineinspect.service.frames import IMAGE_SUFFIXES, list_images
-    from lineinspect.training.recalibrate import recalibrate, write_threshold
+    from lineinspect.training.recalibrate import MIN_DEFECTS_TO_CHOOSE, recalibrate, write_threshold
     from lineinspect.vision.model_io import load_inspector
 
     def images(folder: Path, flag: str) -> list[Path]:
@@ -56,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
     if result.n_defect:
         for name, f in result.sources.items():
             print(f"  {name:8s} catches {f['recall']:.1%} at that rate, image AUROC {f['auroc']:.3f}", file=sys.stderr)
+        if result.n_defect < MIN_DEFECTS_TO_CHOOSE and not args.keep_source:
+            print(f"note: {result.n_defect} labelled defects are too few to choose the score source by (it takes "
+                  f"{MIN_DEFECTS_TO_CHOOSE}); it stays {result.old_source}", file=sys.stderr)
         print(f"score source {result.old_source} -> {result.new_source}; defects caught {result.recall_at_old:.1%} -> "
               f"{result.recall_at_new:.1%} of {result.n_defect}", file=sys.stderr)
     if not args.dry_run:

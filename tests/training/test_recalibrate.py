@@ -94,3 +94,14 @@ def test_keep_source_sets_only_the_threshold(model_dir: Path, tmp_path: Path, ca
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["new_source"] == result["old_source"] == "head" and result["sources"]
     assert load_inspector(model_dir).calibration.score_source == "head"
+
+
+def test_too_few_defects_leave_the_source_and_say_so(model_dir: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    write_images(tmp_path / "good", 10, seed=0)
+    write_images(tmp_path / "defects", 2, seed=1)
+    assert main(["calibrate", "--model", str(model_dir), "--good", str(tmp_path / "good"),
+                 "--defects", str(tmp_path / "defects"), "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    assert result["new_source"] == "head" and result["sources"] and "too few" in captured.err
