@@ -76,10 +76,9 @@ def route_and_dispatch(logits: torch.Tensor, top_k: int, bias: torch.Tensor | No
     """The router's top-k of `logits` (N, E) float32 and their dispatch in Triton; None where the
     kernels do not run (CPU, a gradient, no Triton, a failed first launch): use the eager path."""
     N, E = logits.shape
-    blocks = triton.cdiv(N, BLOCK_TOKENS) if triton is not None else 0
-    if blocks > MAX_BLOCKS:
+    if triton is None or N == 0 or triton.cdiv(N, BLOCK_TOKENS) > MAX_BLOCKS:
         return None
-    key = ("route_dispatch", top_k, E, bias is not None, triton.next_power_of_2(blocks) if blocks else 0)
+    key = ("route_dispatch", top_k, E, bias is not None, triton.next_power_of_2(triton.cdiv(N, BLOCK_TOKENS)))
     if not use_triton(key, logits, bias, numel=N * E * 64):  # ~12 eager kernels: pays like large work
         return None
     return _launch((*key, logits.device), lambda: _route_dispatch_triton(logits.contiguous(), top_k, bias))

@@ -37,6 +37,7 @@ def test_capacity_zeroes_the_weight_of_an_experts_late_assignments() -> None:
 
 def test_the_kernels_leave_cpu_tensors_to_the_eager_path() -> None:
     assert route_and_dispatch(torch.randn(5, 4), 2) is None
+    assert route_and_dispatch(torch.randn(0, 4), 2) is None  # no tokens: nothing to launch
 
 
 INTERPRETED = textwrap.dedent("""
