@@ -46,6 +46,11 @@ def run(args: argparse.Namespace) -> int:
 
     good = images(args.good, "--good")
     defects = images(args.defects, "--defects") if args.defects else []
+    seen = trained_on(args.model, good)
+    if seen:
+        print(f"note: {seen} of the {len(good)} good images lie in the model's own training data; the memory bank "
+              "holds their patches, so they score lower than new good parts would, and the threshold will reject "
+              "more new parts than asked: give calibrate good parts the model has not seen", file=sys.stderr)
     inspector = load_inspector(args.model, args.device)
     result = recalibrate(inspector, good, args.target_frr, defects, choose_source=not args.keep_source)
     if result.n_good * args.target_frr < 1:
@@ -64,5 +69,16 @@ def run(args: argparse.Namespace) -> int:
     if not args.dry_run:
         write_threshold(args.model, result)
         print(f"wrote {args.model / 'config.json'}", file=sys.stderr)
-    print(json.dumps({**result.to_dict(), "written": not args.dry_run}))
+    print(json.dumps({**result.to_dict(), "n_good_from_training": seen, "written": not args.dry_run}))
     return 0
+
+
+def trained_on(model_dir: Path, images: list[Path]) -> int:
+    """How many of `images` lie under the `train` folder of the data the model was trained on."""
+    from lineinspect.vision.model_io import read_model_config
+
+    root = read_model_config(model_dir).get("data", {}).get("root")
+    if not root:
+        return 0
+    train = (Path(root) / "train").resolve()
+    return sum(p.resolve().is_relative_to(train) for p in images)

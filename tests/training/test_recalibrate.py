@@ -105,3 +105,17 @@ def test_too_few_defects_leave_the_source_and_say_so(model_dir: Path, tmp_path: 
     captured = capsys.readouterr()
     result = json.loads(captured.out.strip().splitlines()[-1])
     assert result["new_source"] == "head" and result["sources"] and "too few" in captured.err
+
+
+def test_good_parts_the_model_trained_on_are_pointed_out(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    line = tmp_path / "line"
+    model_dir = save_model_dir(tmp_path / "m", untrained_inspector("tiny").model, Calibration(),
+                               extra={"data": {"root": str(line), "layout": "mvtec"}})
+    write_images(line / "train" / "good", 6, seed=0)
+    assert main(["calibrate", "--model", str(model_dir), "--good", str(line / "train" / "good"), "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["n_good_from_training"] == 6
+    assert "training data" in captured.err
+    write_images(tmp_path / "new", 4, seed=1)
+    assert main(["calibrate", "--model", str(model_dir), "--good", str(tmp_path / "new"), "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n_good_from_training"] == 0
