@@ -20,14 +20,11 @@ import argparse
 import json
 
 import numpy as np
-import torch
 
 from lineinspect.training.datasets import open_dataset
 from lineinspect.training.metrics import image_auroc
-from lineinspect.vision.inspector import image_scores
+from lineinspect.training.recalibrate import score_sources
 from lineinspect.vision.model_io import load_inspector
-from lineinspect.vision.precision import autocast
-from lineinspect.vision.preprocess import to_batch
 
 RECALLS = (0.95, 0.975)
 
@@ -45,15 +42,7 @@ def main() -> None:
     inspector = load_inspector(args.model, args.device, cuda_graphs=False, precision=args.precision)
     dataset = open_dataset(args.data)
     samples = dataset.test + ([s for s in dataset.train if not s.is_defect] if args.with_train_goods else [])
-    scores: dict[str, list[float]] = {}
-    with torch.inference_mode():
-        for start in range(0, len(samples), 16):
-            chunk = samples[start : start + 16]
-            batch = to_batch([s.load_image() for s in chunk], inspector.input_size, inspector.device)
-            with autocast(inspector.device, inspector.autocast_dtype):
-                out = inspector.model(batch, use_memory=True)
-            for name, values in image_scores(out, inspector.calibration).items():
-                scores.setdefault(name, []).extend(values.float().cpu().tolist())
+    scores = score_sources(inspector, [s.path for s in samples])
     labels = np.array([s.is_defect for s in samples])
     cal = inspector.calibration
     figures = {"model": args.model, "data": args.data, "precision": inspector.precision,

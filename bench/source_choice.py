@@ -19,7 +19,7 @@ import numpy as np
 
 from lineinspect.training.datasets import open_dataset
 from lineinspect.training.metrics import image_auroc, threshold_for_false_reject_rate
-from lineinspect.training.recalibrate import best_source, compare_sources
+from lineinspect.training.recalibrate import best_source, compare_sources, score_sources
 from lineinspect.vision.model_io import load_inspector
 
 
@@ -27,8 +27,8 @@ def line_scores(model: str, data: str, device: str, candidates: list[str] | None
                 ) -> tuple[dict[str, np.ndarray], np.ndarray, str]:
     inspector = load_inspector(model, device, cuda_graphs=False)
     samples = open_dataset(data).test
-    parts = [inspector.source_scores([s.load_image() for s in samples[i : i + 16]]) for i in range(0, len(samples), 16)]
-    scores = {name: np.concatenate([p[name] for p in parts]) for name in parts[0] if name in (candidates or parts[0])}
+    scores = {name: v for name, v in score_sources(inspector, [s.path for s in samples]).items()
+              if name in (candidates or [name])}
     return scores, np.array([s.is_defect for s in samples]), inspector.calibration.score_source
 
 

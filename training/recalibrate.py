@@ -20,7 +20,7 @@ import json
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +56,16 @@ class Recalibration:
         return {k: rounded(v) for k, v in asdict(self).items()}
 
 
-def score_images(inspector: Inspector, paths: Sequence[Path], batch_size: int = 16) -> dict[str, np.ndarray]:
+def score_images(inspector: Inspector, paths: Sequence[Path], batch_size: int = 16) -> np.ndarray:
+    """The model's image score for each file, as served (what its threshold is compared with)."""
+    scores: list[float] = []
+    for first in range(0, len(paths), batch_size):
+        images = [read_image(p) for p in paths[first : first + batch_size]]
+        scores += [r.score for r in inspector.inspect_batch(images)]
+    return np.array(scores)
+
+
+def score_sources(inspector: Inspector, paths: Sequence[Path], batch_size: int = 16) -> dict[str, np.ndarray]:
     """Every candidate image score (`Inspector.source_scores`) for each file."""
     scores: dict[str, list[np.ndarray]] = {}
     for first in range(0, len(paths), batch_size):
@@ -105,20 +114,25 @@ def recalibrate(inspector: Inspector, good: Sequence[Path], target_frr: float,
         raise LineInspectError("calibrate: no good images given; point --good at a folder of good parts")
     if not 0.0 <= target_frr < 1.0:
         raise LineInspectError(f"calibrate: --target-frr must be in [0, 1), got {target_frr}")
-    good_scores = score_images(inspector, good)
-    defect_scores = score_images(inspector, defects) if defects else None
     old, old_source = inspector.calibration.threshold, inspector.calibration.score_source
-    figures = compare_sources(good_scores, defect_scores, target_frr) if defect_scores else {}
+    good_old = score_images(inspector, good)
+    defect_old = score_images(inspector, defects) if defects else None
+    # every source only where defects can show which to use
+    figures = (compare_sources(score_sources(inspector, good), score_sources(inspector, defects), target_frr)
+               if defects else {})
     choose = choose_source and len(defects) >= MIN_DEFECTS_TO_CHOOSE
     source = best_source(figures, old_source) if figures and choose else old_source
-    new = threshold_for_false_reject_rate(good_scores[source], target_frr)
-    g_old, g_new = good_scores[old_source], good_scores[source]
+    good_new, defect_new = good_old, defect_old
+    if source != old_source:  # the threshold is set on the scores as served with the new source
+        inspector.calibration = replace(inspector.calibration, score_source=source)
+        good_new, defect_new = score_images(inspector, good), score_images(inspector, defects)
+    new = threshold_for_false_reject_rate(good_new, target_frr)
     return Recalibration(
-        n_good=len(g_new), target_frr=target_frr, old_threshold=old, new_threshold=new,
-        frr_at_old=float((g_old >= old).mean()), frr_at_new=float((g_new >= new).mean()),
+        n_good=len(good_new), target_frr=target_frr, old_threshold=old, new_threshold=new,
+        frr_at_old=float((good_old >= old).mean()), frr_at_new=float((good_new >= new).mean()),
         n_defect=len(defects),
-        recall_at_old=None if defect_scores is None else float((defect_scores[old_source] >= old).mean()),
-        recall_at_new=None if defect_scores is None else float((defect_scores[source] >= new).mean()),
+        recall_at_old=None if defect_old is None else float((defect_old >= old).mean()),
+        recall_at_new=None if defect_new is None else float((defect_new >= new).mean()),
         old_source=old_source, new_source=source, sources=figures,
     )
 

@@ -42,7 +42,7 @@ def test_calibrate_sets_the_threshold_for_the_false_reject_rate(model_dir: Path,
     calibration = load_inspector(model_dir).calibration
     assert calibration.score_source == result["new_source"] and result["old_source"] == "head"
     assert set(result["sources"]) == {"image", "map", "head", "novelty", "fused"}  # no memory bank fitted: no memory
-    scores = np.sort(score_images(load_inspector(model_dir), good)[result["new_source"]])  # subfolders included
+    scores = np.sort(score_images(load_inspector(model_dir), good))  # as served with the new source; subfolders too
     threshold = calibration.threshold
     assert threshold == pytest.approx(result["new_threshold"], abs=1e-5) and result["written"]
     assert (scores >= threshold).sum() == 2 and scores[-3] < threshold  # floor(0.1 * 20) rejected
