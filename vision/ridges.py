@@ -62,7 +62,16 @@ def ridge_features(images: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     mode = "reflect" if min(gray.shape[-2:]) > pad else "replicate"
     padded = F.pad(gray, (pad, pad, pad, pad), mode=mode)
     response = correlate_fft(padded, kernels.float()) if padded.is_cuda else F.conv2d(padded, kernels.float())
-    return response / response.flatten(2).std(2).clamp_min(1e-4)[..., None, None]
+    return response / channel_std(response).clamp_min(1e-4)
+
+
+def channel_std(x: torch.Tensor) -> torch.Tensor:
+    """(B, K, H, W) -> (B, K, 1, 1): each map's standard deviation (unbiased, as `torch.std`). Written
+    out because on a CPU `torch.std` over a few long rows runs one thread's Welford loop: 1.16 ms for
+    8 x 224 x 224 values on the 2-core host against 0.09 ms for these two passes."""
+    flat = x.flatten(2)
+    centred = flat - flat.mean(2, keepdim=True)
+    return (centred.square().sum(2) / max(flat.shape[2] - 1, 1)).sqrt()[..., None, None]
 
 
 def correlate_fft(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:

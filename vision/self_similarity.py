@@ -39,7 +39,7 @@ def self_similarity_map(features: torch.Tensor, k: int = 8, exclude_radius: floa
     x = features.float().flatten(2).transpose(1, 2)  # (B, N, C)
     sq = (x * x).sum(-1)  # (B, N)
     with torch.autocast(features.device.type, enabled=False):  # float32: the expanded form cancels (memory_bank)
-        d2 = sq.unsqueeze(2) + sq.unsqueeze(1) - 2 * x @ x.transpose(1, 2)  # (B, N, N)
+        d2 = torch.baddbmm(sq.unsqueeze(2) + sq.unsqueeze(1), x, x.transpose(1, 2), alpha=-2)  # (B, N, N)
     near = _grid_exclusion(h, w, exclude_radius, features.device, torch.is_inference_mode_enabled())
     d2 = d2.masked_fill(near, float("inf"))
     r = math.ceil(exclude_radius)

@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from lineinspect.vision.defect_model import DefectModel, DefectModelConfig
 from lineinspect.vision.encoder import preset
 from lineinspect.vision.heads import HeadConfig
-from lineinspect.vision.ridges import RIDGE_CHANNELS, correlate_fft, ridge_features, ridge_kernels, ridge_peaks
+from lineinspect.vision.ridges import (
+    RIDGE_CHANNELS,
+    channel_std,
+    correlate_fft,
+    ridge_features,
+    ridge_kernels,
+    ridge_peaks,
+)
 
 
 def _brushed(size: int = 128, scratch: bool = False, seed: int = 0) -> torch.Tensor:
@@ -70,3 +77,8 @@ def test_head_with_and_without_ridges_and_old_configs_load_without() -> None:
     del old["ridges"], old["class_region"]  # a model directory written before either existed
     restored = HeadConfig.from_dict(old)
     assert restored.ridges is False and restored.class_region == "soft"
+
+
+def test_channel_std_equals_torch_std() -> None:
+    x = torch.randn(2, 8, 30, 40, generator=torch.Generator().manual_seed(0)) * 3 + 5
+    assert torch.allclose(channel_std(x), x.flatten(2).std(2)[..., None, None], rtol=1e-5)
