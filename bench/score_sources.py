@@ -6,18 +6,26 @@ Calibration picks one source on a few dozen validation images; this shows what e
 scored on held-out data, which is how the source-selection margin in training was set.
 
     python bench/score_sources.py MODEL_DIR DATA_DIR [--with-train-goods] [--precision auto|fp32] [--json FILE]
+        [--marked-goods bench/neu_unseen_marked_goods.json]
 
 --with-train-goods adds the data set's training good parts to its test goods: for a line the model
 never trained on (a held-out synthetic line) they are 200 more unseen good parts, so the count of
 good parts flagged rests on 250 instead of 50 (also at the model's own threshold). The model runs
 in the Inspector's precision (`--precision`, as `lineinspect serve`: auto = bf16 where the device
 computes it natively), without its CUDA graphs.
+
+--marked-goods adds "clean_goods" figures: every source's AUROC again without the test good parts that
+the JSON file lists for this line (keyed by the data folder's name). bench/neu_unseen_marked_goods.json
+lists the good windows of the real-steel lines (bench/neu_unseen.py) that show a visible mark, picked by
+eye in file order before looking at any score: NEU-DET's boxes do not cover every defect, so some windows
+clear of every box still hold one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -38,6 +46,8 @@ def main() -> None:
                     help="add the training good parts (only for data the model did not train on)")
     ap.add_argument("--precision", default="auto", help="auto (bf16 where native) or fp32")
     ap.add_argument("--json", type=argparse.FileType("a"), help="append one JSON line of the figures here")
+    ap.add_argument("--marked-goods", type=Path,
+                    help="JSON {line folder name: [good file names]}: also score without those goods")
     args = ap.parse_args()
     inspector = load_inspector(args.model, args.device, cuda_graphs=False, precision=args.precision)
     dataset = open_dataset(args.data)
@@ -59,6 +69,13 @@ def main() -> None:
     at_threshold = {"goods_flagged": int((chosen[~labels] >= cal.threshold).sum()),
                     "defects_missed": int((chosen[labels] < cal.threshold).sum())}
     figures["at_threshold"] = at_threshold
+    if args.marked_goods:
+        marked = set(json.loads(args.marked_goods.read_text()).get(Path(args.data).name, []))
+        keep = np.array([s.is_defect or s.path.name not in marked for s in samples])
+        figures["clean_goods"] = {"n_good": int((~labels[keep]).sum()),
+                                  **{name: round(image_auroc(np.array(v)[keep], labels[keep]), 4)
+                                     for name, v in scores.items()}}
+        print("without the marked goods: " + ", ".join(f"{n} {a}" for n, a in figures["clean_goods"].items()))
     print(f"chosen by calibration: {cal.score_source}; at its threshold {cal.threshold:.3f}: "
           f"{at_threshold['goods_flagged']} of {figures['n_good']} good parts flagged, "
           f"{at_threshold['defects_missed']} of {figures['n_defect']} defects missed")

@@ -145,32 +145,10 @@ def streak_defects(images: torch.Tensor, g: torch.Generator) -> tuple[torch.Tens
     return out, changed.float()
 
 
-def blotch_defects(images: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Faint, soft, irregular shading (discoloured patches, stains, scale pressed into a plate): an
-    irregular region a fifth to most of the image across, 10 to 75 grey levels darker or brighter at its
-    core, fading out with no edge, the texture underneath kept. images (B,3,S,S) in [0,1] -> (images, visible
-    change (B,1,S,S))."""
-    b, _, s, _ = images.shape
-    dev = images.device
-    shape = torch.sigmoid(3 * (fractal_noise(b, s, g, dev, (1, 2, 4, 8))
-                               - torch.empty(b, 1, 1, 1).uniform_(-0.5, 1.0, generator=g).to(dev)))
-    cy, cx = (torch.rand(2, b, generator=g) * s).to(dev)
-    radius = ((torch.rand(b, generator=g) * 0.25 + 0.1) * s).to(dev).view(b, 1, 1, 1)  # Gaussian sigma
-    yy, xx = torch.meshgrid(torch.arange(s, device=dev), torch.arange(s, device=dev), indexing="ij")
-    window = torch.exp(-((yy - cy.view(b, 1, 1)) ** 2 + (xx - cx.view(b, 1, 1)) ** 2).unsqueeze(1) / (2 * radius**2))
-    profile = shape * window
-    profile = profile / profile.flatten(1).amax(1).clamp_min(1e-6).view(b, 1, 1, 1)  # 1 at the core
-    amount = torch.empty(b, 1, 1, 1).uniform_(math.log(0.04), math.log(0.3), generator=g).exp().to(dev)
-    sign = torch.where(torch.rand(b, 1, 1, 1, generator=g) < 0.7, -1.0, 1.0).to(dev)  # mostly darker
-    out = (images + sign * amount * profile).clamp(0, 1)
-    changed = ((out - images).abs().amax(1, keepdim=True) > STREAK_VISIBLE) & (profile > 0.3)
-    return out, changed.float()
-
-
-def synthesize_defects(images: torch.Tensor, g: torch.Generator, p_defect: float = 0.5, p_streak: float = 0.0,
-                       p_blotch: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def synthesize_defects(images: torch.Tensor, g: torch.Generator, p_defect: float = 0.5, p_streak: float = 0.0
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Paste generic defects on a random subset of good images; a share p_streak of them are faint
-    streaks (``streak_defects``) and a share p_blotch faint blotches (``blotch_defects``) instead.
+    streaks (``streak_defects``) instead.
 
     images: (B,3,S,S) in [0,1]. Returns (images, masks (B,1,S,S) in {0,1}, is_defect (B,) bool).
     """
@@ -194,9 +172,5 @@ def synthesize_defects(images: torch.Tensor, g: torch.Generator, p_defect: float
         streaky = ((torch.rand(b, generator=g) < p_streak).to(dev) & defect).view(b, 1, 1, 1)
         streaks, streak_changed = streak_defects(images, g)
         out, changed = torch.where(streaky, streaks, out), torch.where(streaky, streak_changed, changed)
-    if p_blotch > 0:  # likewise drawn only when asked; a blotch replaces whatever was drawn there
-        blotchy = ((torch.rand(b, generator=g) < p_blotch).to(dev) & defect).view(b, 1, 1, 1)
-        blotches, blotch_changed = blotch_defects(images, g)
-        out, changed = torch.where(blotchy, blotches, out), torch.where(blotchy, blotch_changed, changed)
     has = changed.flatten(1).sum(1) >= 4
     return out, changed, has

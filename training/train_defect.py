@@ -102,8 +102,6 @@ class TrainConfig:
     # share of the generic synthetic defects drawn as faint streaks along the surface's direction
     # (anomaly_synthesis.streak_defects); 0 = none
     streak_share: float = 0.0
-    # share drawn as faint irregular blotches (anomaly_synthesis.blotch_defects): discoloured patches; 0 = none
-    blotch_share: float = 0.0
     # processes painting the named defects (training.named_pasting.RenderPool); None: render_workers_for(device)
     render_workers: int | None = None
     paste_types: tuple[str, ...] = DEFECT_TYPES  # named defect renderings pasted besides the generic ones
@@ -133,8 +131,6 @@ class TrainConfig:
             raise LineInspectError("namer seconds are for the namer phase of --name-pasted-kinds; add it or drop them")
         if not 0 <= self.streak_share <= 1:
             raise LineInspectError(f"streak share must be between 0 and 1, got {self.streak_share:g}")
-        if not 0 <= self.blotch_share <= 1:
-            raise LineInspectError(f"blotch share must be between 0 and 1, got {self.blotch_share:g}")
         if not 0 <= self.val_fraction <= 0.5:
             raise LineInspectError(f"validation fraction must be between 0 and 0.5, got {self.val_fraction:g}")
         if self.peak_loss < 0:
@@ -467,8 +463,7 @@ class Trainer:
         good = ~defect
         pasted, pmask, has, paintings = None, None, None, None
         if good.any():
-            pasted, pmask, has = synthesize_defects(images[good], self.gen, self.cfg.p_defect, self.cfg.streak_share,
-                                                   self.cfg.blotch_share)
+            pasted, pmask, has = synthesize_defects(images[good], self.gen, self.cfg.p_defect, self.cfg.streak_share)
             if self.cfg.paste_types:
                 sources = self.train_cache.sources
                 if sources is not None:

@@ -59,9 +59,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--streak-share", type=float, default=0.0, metavar="SHARE",
                    help="share of the generic synthetic defects drawn as faint soft streaks along the surface's own "
                    "direction (rolled, drawn or brushed surfaces; default 0)")
-    p.add_argument("--blotch-share", type=float, default=0.0, metavar="SHARE",
-                   help="share of the generic synthetic defects drawn as faint irregular blotches, darker or brighter "
-                   "shading with no edge (discoloured patches, stains; default 0)")
     p.add_argument("--render-workers", type=int, default=None, metavar="N",
                    help="processes painting the pasted named defects (default: on a GPU host all cores but two, up "
                    "to 8; none on a CPU, whose cores train the model)")
@@ -147,6 +144,5 @@ def train_defect(args: argparse.Namespace, dataset) -> None:
         ridges=args.ridges, chroma=args.chroma, namer_regions=args.namer_regions,
         namer_seconds=args.namer_seconds, val_fraction=args.val_fraction, peak_loss=args.peak_loss,
         render_workers=args.render_workers, dihedral=args.dihedral_jitter, streak_share=args.streak_share,
-        blotch_share=args.blotch_share,
     )
     Trainer(config, dataset, args.out, resume=args.resume).run()

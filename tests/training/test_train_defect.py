@@ -269,13 +269,3 @@ def test_streak_share_is_off_by_default_and_reaches_the_config(line, tmp_path) -
     assert json.loads((out / "config.json").read_text())["training"]["config"]["streak_share"] == 0.5
     with pytest.raises(LineInspectError, match="streak share"):
         TrainConfig(streak_share=1.5).resolved()
-
-
-def test_blotch_share_is_off_by_default_and_reaches_the_config(line, tmp_path) -> None:
-    assert TrainConfig().blotch_share == 0.0
-    out = tmp_path / "m"
-    assert main(["train", "--data", str(line), "--preset", "tiny", "--img-size", "64", "--steps", "3",
-                 "--batch-size", "8", "--blotch-share", "0.4", "--out", str(out)]) == 0
-    assert json.loads((out / "config.json").read_text())["training"]["config"]["blotch_share"] == 0.4
-    with pytest.raises(LineInspectError, match="blotch share"):
-        TrainConfig(blotch_share=-0.1).resolved()
