@@ -17,8 +17,8 @@ computes it natively), without its CUDA graphs.
 --marked-goods adds "clean_goods" figures: every source's AUROC again without the test good parts that
 the JSON file lists for this line (keyed by the data folder's name). bench/neu_unseen_marked_goods.json
 lists the good windows of the real-steel lines (bench/neu_unseen.py) that show a visible mark, picked by
-eye in file order before looking at any score: NEU-DET's boxes do not cover every defect, so some windows
-clear of every box still hold one.
+eye in file order (bench/RESULTS.md, session 24): NEU-DET's boxes do not cover every defect, so some
+windows clear of every box still hold one.
 """
 
 from __future__ import annotations
