@@ -6,7 +6,7 @@ Calibration picks one source on a few dozen validation images; this shows what e
 scored on held-out data, which is how the source-selection margin in training was set.
 
     python bench/score_sources.py MODEL_DIR DATA_DIR [--with-train-goods] [--precision auto|fp32] [--json FILE]
-        [--marked-goods bench/neu_unseen_marked_goods.json]
+        [--marked-goods bench/neu_unseen_marked_goods.json] [--per-image]
 
 --with-train-goods adds the data set's training good parts to its test goods: for a line the model
 never trained on (a held-out synthetic line) they are 200 more unseen good parts, so the count of
@@ -46,6 +46,8 @@ def main() -> None:
                     help="add the training good parts (only for data the model did not train on)")
     ap.add_argument("--precision", default="auto", help="auto (bf16 where native) or fp32")
     ap.add_argument("--json", type=argparse.FileType("a"), help="append one JSON line of the figures here")
+    ap.add_argument("--per-image", action="store_true",
+                    help="also write every image's name, label and score of each source into the JSON line")
     ap.add_argument("--marked-goods", type=Path,
                     help="JSON {line folder name: [good file names]}: also score without those goods")
     args = ap.parse_args()
@@ -79,6 +81,9 @@ def main() -> None:
     print(f"chosen by calibration: {cal.score_source}; at its threshold {cal.threshold:.3f}: "
           f"{at_threshold['goods_flagged']} of {figures['n_good']} good parts flagged, "
           f"{at_threshold['defects_missed']} of {figures['n_defect']} defects missed")
+    if args.per_image:
+        figures["per_image"] = {"names": [s.path.name for s in samples], "is_defect": labels.tolist(),
+                                **{name: [round(float(x), 5) for x in v] for name, v in scores.items()}}
     if args.json:
         args.json.write(json.dumps(figures) + "\n")
 

@@ -19,6 +19,8 @@ from lineinspect.training.synth import write_synthetic_dataset
 from lineinspect.training.train_defect import (
     TrainConfig,
     Trainer,
+    choose_source,
+    default_source,
     dihedral,
     dihedral_codes,
     focal_dice_loss,
@@ -190,6 +192,18 @@ def test_map_peak_loss_weighs_a_good_parts_one_false_spot() -> None:
         TrainConfig(peak_loss=-1).resolved()
 
 
+def test_a_line_validated_on_synthetic_defects_serves_the_fused_score_by_default() -> None:
+    with_bank = {"image": 0.97, "map": 0.98, "head": 0.99, "memory": 0.62, "novelty": 0.9, "fused": 0.985}
+    assert default_source(with_bank, real_defects=False) == "fused"
+    assert default_source(with_bank, real_defects=True) == "head"  # real defects validate the head itself
+    no_bank = {k: v for k, v in with_bank.items() if k != "memory"}
+    assert default_source(no_bank, real_defects=False) == "head"  # fused without the bank is not the fused score
+    # a lead inside two standard errors of the default keeps the default; a clear one wins
+    assert choose_source(with_bank, "fused", 20, 20)[0] == "fused"
+    source, margin = choose_source({"head": 0.99, "fused": 0.80}, "fused", 20, 20)
+    assert source == "head" and 0.99 - 0.80 > margin > 0.05
+
+
 def test_val_fraction_sets_how_many_good_images_choose_the_threshold(line, tmp_path) -> None:
     held_out = []
     for fraction in (0.1, 0.25):
@@ -269,3 +283,14 @@ def test_streak_share_is_off_by_default_and_reaches_the_config(line, tmp_path) -
     assert json.loads((out / "config.json").read_text())["training"]["config"]["streak_share"] == 0.5
     with pytest.raises(LineInspectError, match="streak share"):
         TrainConfig(streak_share=1.5).resolved()
+
+
+def test_score_source_can_be_set_instead_of_chosen(line, tmp_path) -> None:
+    out = tmp_path / "m"
+    assert main(["train", "--data", str(line), "--preset", "tiny", "--img-size", "64", "--steps", "3",
+                 "--batch-size", "8", "--score-source", "head", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["calibration"]["score_source"] == "head" and "source_margin" not in config["calibration"]["notes"]
+    assert load_inspector(out).calibration.score_source == "head"
+    with pytest.raises(LineInspectError, match="score source"):
+        TrainConfig(score_source="memory").resolved()
