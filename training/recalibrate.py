@@ -6,10 +6,10 @@ centre in view, a glint) that 20 images seldom contain, so a line can reject sev
 parts than validation showed (bench/RESULTS.md, session 19: the F1 threshold passed every validation
 good part and flagged 3-10 of 50 on each held-out line). A line that has run a shift has hundreds of good
 parts: their scores set the threshold for the false-reject rate the line accepts. Labelled defect
-images, if given, show what that costs in recall, and choose the score source: training chooses it
+images, if given, show what that costs in recall, and choose the score source: training validates
 on synthetic defects, which on real steel could not tell the learned head (image AUROC 0.79 over
-four lines) from head and memory bank fused (0.86) (bench/RESULTS.md, session 23); a line's own few
-real defects can. Of the head and the fused score (`CANDIDATE_SOURCES`) and the source in use, the
+four lines) from head and memory bank fused (0.86) (bench/RESULTS.md, session 23), so it serves the
+fused score on such lines by default (session 25); a line's own few real defects can tell. Of the head and the fused score (`CANDIDATE_SOURCES`) and the source in use, the
 one catching the most of them at the line's false-reject rate wins, then the higher AUROC, then the
 one in use.
 """
