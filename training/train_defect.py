@@ -270,8 +270,9 @@ def default_source(aurocs: dict[str, float], real_defects: bool) -> str:
     Validated on real defects, the learned head. Validated on synthetic defects alone, the fused
     score (head, memory bank and self-similarity) where the bank is fitted: the head learns the
     synthetic families it is trained on, and validating on the same families favours it. On defects
-    no family imitates (four real-steel lines, 24 models) fused scored 0.04-0.09 higher in the mean and
-    never much lower on a line; on a synthetic line it gives up 0.00-0.02 (bench/RESULTS.md, session 25).
+    no family imitates (four real-steel lines, seven runs of `tiny` and `s14`) fused scored 0.02-0.09
+    higher in the mean of the lines (single lines up to 0.05 lower); on a synthetic line whose defects
+    the training's renderer paints it gives up 0.00-0.02 (bench/RESULTS.md, session 25).
     """
     return "fused" if not real_defects and "fused" in aurocs and "memory" in aurocs else "head"
 
