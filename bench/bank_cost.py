@@ -13,6 +13,7 @@ import argparse
 import json
 import statistics
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -56,12 +57,12 @@ def main() -> None:
             x = torch.rand(batch, 3, encoder.img_size, encoder.img_size, device=device)
             figures = {}
             for name, use_memory in (("head", False), ("with_bank", True)):
+                run = partial(model, x, use_memory=use_memory, bank_fitted=True)
                 with torch.no_grad(), autocast(device, dtype):
-                    run = lambda: model(x, use_memory=use_memory, bank_fitted=True)  # noqa: E731
                     timed(run, device, 3)
-                    ms = timed(run, device, args.repeats)
+                    ms = sorted(timed(run, device, args.repeats))
                 figures[name] = {"median_ms": round(statistics.median(ms), 3),
-                                 "p10_ms": round(sorted(ms)[len(ms) // 10], 3), "p90_ms": round(sorted(ms)[9 * len(ms) // 10], 3)}
+                                 "p10_ms": round(ms[len(ms) // 10], 3), "p90_ms": round(ms[9 * len(ms) // 10], 3)}
             row = {"preset": args.preset, "img_size": encoder.img_size, "device": str(device), "dtype": str(dtype),
                    "bank": bank, "batch": batch, **figures,
                    "ratio": round(figures["with_bank"]["median_ms"] / figures["head"]["median_ms"], 3)}

@@ -9,9 +9,9 @@ parts: their scores set the threshold for the false-reject rate the line accepts
 images, if given, show what that costs in recall, and choose the score source: training validates
 on synthetic defects, which on real steel could not tell the learned head (image AUROC 0.79 over
 four lines) from head and memory bank fused (0.86) (bench/RESULTS.md, session 23), so it serves the
-fused score on such lines by default (session 25); a line's own few real defects can tell. Of the head and the fused score (`CANDIDATE_SOURCES`) and the source in use, the
-one catching the most of them at the line's false-reject rate wins, then the higher AUROC, then the
-one in use.
+fused score on such lines by default (session 25); a line's own few real defects can tell. Of the
+head and the fused score (`CANDIDATE_SOURCES`) and the source in use, the one catching the most of
+them at the line's false-reject rate wins, then the higher AUROC, then the one in use.
 """
 
 from __future__ import annotations
