@@ -23,16 +23,8 @@ from lineinspect.training.data_cache import validation_split
 from lineinspect.training.datasets import open_dataset
 from lineinspect.training.defects import DEFECT_TYPES, render_defect
 from lineinspect.training.metrics import image_auroc
-from lineinspect.vision.inspector import Inspector
+from lineinspect.training.recalibrate import score_sources
 from lineinspect.vision.model_io import load_inspector
-
-
-def scores_of(inspector: Inspector, images: list[np.ndarray]) -> dict[str, np.ndarray]:
-    parts: dict[str, list[np.ndarray]] = {}
-    for first in range(0, len(images), 16):
-        for name, values in inspector.source_scores(images[first : first + 16]).items():
-            parts.setdefault(name, []).append(values)
-    return {name: np.concatenate(v) for name, v in parts.items()}
 
 
 def aurocs(good: dict[str, np.ndarray], defect: dict[str, np.ndarray]) -> dict[str, float]:
@@ -53,11 +45,11 @@ def main() -> None:
     rng = np.random.default_rng(0)
     painted = [render_defect(g, DEFECT_TYPES[rng.integers(len(DEFECT_TYPES))], rng)[0] for _ in range(3) for g in goods]
     test = open_dataset(args.test_data or args.train_data).test
-    test_scores = scores_of(inspector, [read_image(s.path) for s in test])
+    test_scores = score_sources(inspector, [s.path for s in test])
     labels = np.array([s.is_defect for s in test])
     notes = json.loads((Path(args.model) / "config.json").read_text())["calibration"]["notes"]
     print(json.dumps({"model": args.model, "test": args.test_data or args.train_data, "n_val_good": len(goods),
-                      "render_val": aurocs(scores_of(inspector, goods), scores_of(inspector, painted)),
+                      "render_val": aurocs(score_sources(inspector, goods), score_sources(inspector, painted)),
                       "synth_val": notes.get("val_image_auroc"),
                       "test_auroc": {k: round(image_auroc(v, labels), 4) for k, v in test_scores.items()}}))
 

@@ -65,11 +65,12 @@ def score_images(inspector: Inspector, paths: Sequence[Path], batch_size: int = 
     return np.array(scores)
 
 
-def score_sources(inspector: Inspector, paths: Sequence[Path], batch_size: int = 16) -> dict[str, np.ndarray]:
-    """Every candidate image score (`Inspector.source_scores`) for each file."""
+def score_sources(inspector: Inspector, paths: Sequence[Path | np.ndarray], batch_size: int = 16
+                  ) -> dict[str, np.ndarray]:
+    """Every candidate image score (`Inspector.source_scores`) for each file (or decoded RGB image)."""
     scores: dict[str, list[np.ndarray]] = {}
     for first in range(0, len(paths), batch_size):
-        images = [read_image(p) for p in paths[first : first + batch_size]]
+        images = [p if isinstance(p, np.ndarray) else read_image(p) for p in paths[first : first + batch_size]]
         for name, values in inspector.source_scores(images).items():
             scores.setdefault(name, []).append(values)
     return {name: np.concatenate(v) for name, v in scores.items()}

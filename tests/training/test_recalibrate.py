@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lineinspect.service.cli import main
-from lineinspect.training.recalibrate import best_source, compare_sources, score_images
+from lineinspect.training.recalibrate import best_source, compare_sources, score_images, score_sources
 from lineinspect.vision.inspector import Calibration
 from lineinspect.vision.model_io import load_inspector, read_model_config, save_model_dir, untrained_inspector
 
@@ -119,3 +119,12 @@ def test_good_parts_the_model_trained_on_are_pointed_out(tmp_path: Path, capsys:
     write_images(tmp_path / "new", 4, seed=1)
     assert main(["calibrate", "--model", str(model_dir), "--good", str(tmp_path / "new"), "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n_good_from_training"] == 0
+
+
+def test_sources_are_scored_alike_from_files_and_decoded_images(model_dir: Path, tmp_path: Path) -> None:
+    paths = write_images(tmp_path / "good", 5, seed=2)
+    inspector = load_inspector(model_dir)
+    from_files = score_sources(inspector, paths, batch_size=2)
+    from_images = score_sources(inspector, [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in paths])
+    assert from_files.keys() == from_images.keys() and len(from_files["head"]) == 5
+    assert all(np.allclose(from_files[k], from_images[k], atol=1e-5) for k in from_files)
