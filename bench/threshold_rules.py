@@ -13,6 +13,7 @@ line per test line.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import tempfile
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from lineinspect.training.datasets import open_dataset
-from lineinspect.training.metrics import f1_optimal_threshold, threshold_for_false_reject_rate
+from lineinspect.training.metrics import f1_optimal_threshold, image_auroc, threshold_for_false_reject_rate
 from lineinspect.training.train_defect import TrainConfig, Trainer
 from lineinspect.vision.inspector import Calibration, image_scores
 from lineinspect.vision.model_io import load_inspector, load_model_dir
@@ -32,9 +33,13 @@ FALSE_REJECT_RATES = (0.05, 0.1)
 def validation_scores(model_dir: str, train_data: str) -> tuple[np.ndarray, np.ndarray, Calibration]:
     """The model's scores on its training's validation set, rebuilt (same split, same pasted copies):
     scores, which are defects (bool), and the model's calibration."""
-    model, cal, _ = load_model_dir(model_dir)
-    trainer = Trainer(TrainConfig(preset=model.config.encoder.preset, name_pasted_kinds=bool(cal.class_names)),
-                      open_dataset(train_data), tempfile.mkdtemp())
+    model, cal, config = load_model_dir(model_dir)
+    trained = config.get("training", {}).get("config", {})  # the training's own options: input size, pasted kinds
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    options = {k: v for k, v in trained.items() if k in fields and k not in ("device", "pretrained")}
+    options.setdefault("preset", model.config.encoder.preset)
+    options.setdefault("name_pasted_kinds", bool(cal.class_names))
+    trainer = Trainer(TrainConfig(**options), open_dataset(train_data), tempfile.mkdtemp())
     trainer.load_data()
     trainer.model = model.to(trainer.device)
     images, _, labels, _ = trainer.validation_set()
@@ -59,8 +64,10 @@ def main() -> None:
         rules[f"false-reject rate {rate} on validation goods"] = threshold_for_false_reject_rate(val[~val_defect], rate)
         rules[f"F1-optimal, validation false rejects <= {rate}"] = capped_f1_threshold(val, val_defect, rate)
     flags, misses = int((val[~val_defect] >= cal.threshold).sum()), int((val[val_defect] < cal.threshold).sum())
+    recorded = cal.notes.get("val_image_auroc", {}).get(cal.score_source)
     print(f"validation: {int((~val_defect).sum())} good, {int(val_defect.sum())} defect; "
-          f"calibrated threshold flags {flags} good, misses {misses}")
+          f"calibrated threshold flags {flags} good, misses {misses}; image AUROC {image_auroc(val, val_defect):.4f} "
+          f"(the training recorded {recorded}: a rebuild that differs is not the training's validation set)")
 
     inspector = load_inspector(model_dir)
     for test_data in tests:

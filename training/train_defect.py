@@ -627,6 +627,9 @@ class Trainer:
             else:
                 threshold, f1 = f1_optimal_threshold(scores[source], y)
                 notes["val_f1"] = round(f1, 4)
+            held_out_goods = scores[source][is_good.numpy()]
+            if len(held_out_goods):
+                notes["val_goods_flagged"] = round(float((held_out_goods >= threshold).mean()), 4)
         else:
             threshold = 0.5  # only defect images to validate on: keep the trained decision point
         maps = torch.cat([o.anomaly_map for o in outs]).float().cpu()

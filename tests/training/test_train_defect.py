@@ -12,6 +12,7 @@ import torch
 
 from lineinspect.errors import LineInspectError
 from lineinspect.service.cli import main
+from lineinspect.service.commands.train import FLAGGED_GOODS_WARNING, warn_if_threshold_rejects_goods
 from lineinspect.training.datasets import open_dataset
 from lineinspect.training.evaluate import evaluate
 from lineinspect.training.named_pasting import RenderPool
@@ -294,3 +295,19 @@ def test_score_source_can_be_set_instead_of_chosen(line, tmp_path) -> None:
     assert load_inspector(out).calibration.score_source == "head"
     with pytest.raises(LineInspectError, match="score source"):
         TrainConfig(score_source="memory").resolved()
+
+
+def test_training_warns_when_its_threshold_flags_many_held_out_goods(line, tmp_path, capsys) -> None:
+    out = tmp_path / "m"
+    assert main(["train", "--data", str(line), "--preset", "tiny", "--img-size", "64", "--steps", "3",
+                 "--batch-size", "8", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    flagged = config["calibration"]["notes"]["val_goods_flagged"]
+    assert 0.0 <= flagged <= 1.0
+    assert ("flags" in capsys.readouterr().err) == (flagged > FLAGGED_GOODS_WARNING)
+    for share, warned in ((0.5, True), (0.1, False)):
+        config["calibration"]["notes"]["val_goods_flagged"] = share
+        (out / "config.json").write_text(json.dumps(config))
+        warn_if_threshold_rejects_goods(out)
+        err = capsys.readouterr().err
+        assert ("flags 50% of the held-out good images" in err and "--target-frr" in err) == warned
