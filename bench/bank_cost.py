@@ -1,7 +1,8 @@
-"""What the memory bank's search adds to a defect model's forward pass: the model with its bank fitted
-(the memory and fused sources) against the same model without it (the head alone), at batch sizes 1
-and 64, under the precision the Inspector serves in (bf16 autocast on GPUs and bf16 CPUs). The bank
-holds random unit rows: its cost depends on its shape, not its content.
+"""What the memory bank's search adds to a defect model's forward pass: the model with its bank (and the
+region statistics fitted with it: the memory, regions and fused sources) against the same model without
+them (the head alone), at batch sizes 1 and 64, under the precision the Inspector serves in (bf16
+autocast on GPUs and bf16 CPUs). The bank holds random unit rows: its cost depends on its shape, not
+its content.
 
     python bench/bank_cost.py --preset l14 --device cuda [--bank 8192 4096] [--batches 1 64] \
         [--searches exact tf32 bf16_refine]
@@ -57,6 +58,7 @@ def main() -> None:
     for bank in args.bank:
         model = DefectModel(DefectModelConfig(encoder, HeadConfig(), memory_bank_size=bank)).to(device).eval()
         model.memory.fit(F.normalize(torch.randn(bank, model.memory.bank.shape[1], device=device), dim=1))
+        model.regions.fit(torch.rand(64, 3, encoder.img_size, encoder.img_size, device=device))
         for batch in args.batches:
             x = torch.rand(batch, 3, encoder.img_size, encoder.img_size, device=device)
             figures = {}

@@ -295,11 +295,12 @@ def vision_section(rec: Recorder, plan: Plan, device: torch.device, model: Defec
         model.overlap_pixel_branch = True
     descriptors, _ = model.descriptors(images[big])
     rec.attempt("fit memory bank", model.memory.fit, descriptors.flatten(0, 1))
+    rec.attempt("fit region statistics", model.regions.fit, images[big].float())
     if not bool(model.memory.fitted):
         return flops
-    memory_flops = count_flops(rec, f"FLOPs DefectModel + memory bank {tag}", with_memory, images[1])
+    memory_flops = count_flops(rec, f"FLOPs DefectModel + memory bank + regions {tag}", with_memory, images[1])
     for b in (1, big):
-        rec.measure(f"DefectModel + memory bank ({plan.memory_bank}) {tag} bf16 eager b{b}", forward_entry,
+        rec.measure(f"DefectModel + memory bank ({plan.memory_bank}) + regions {tag} bf16 eager b{b}", forward_entry,
                     with_memory, images[b], device, plan, memory_flops,
                     note="eager only: forward reads memory.fitted on the host, which a CUDA graph cannot")
     return flops

@@ -8,6 +8,8 @@ source "$(dirname "$0")/gpu_setup.sh"
 timeout 120 python3 bench/bank_cost.py --preset l14 --device cuda --bank 8192 4096 2048 --batches 1 64 \
   --searches exact tf32 bf16_refine > "$OUT/bank_cost_l14.jsonl" 2> /tmp/bank_cost.err || tail -5 /tmp/bank_cost.err >> "$OUT/log.txt"
 log bank_cost done
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/vision/test_cuda_graphs.py tests/vision/test_region_stats.py \
+  tests/vision/test_defect_model.py > "$OUT/vision_tests.txt" 2>&1; tail -1 "$OUT/vision_tests.txt" >> "$OUT/log.txt"
 R=/tmp/neu_unseen; rm -rf $R; cp -r .gpu_data/neu_unseen $R
 R=$R KINDS="${KINDS:-patches rolled-in_scale inclusion scratches}" PRESET=s14 STEPS=${STEPS:-300} SEED=${SEED:-2} \
   DEVICE=cuda TAG=_s14 SCORE_ARGS="--per-image --marked-goods bench/neu_unseen_marked_goods.json" \

@@ -571,6 +571,7 @@ class Trainer:
                 d, _ = self.model.descriptors(x)
             desc.append(d.float().flatten(0, 1))
         self.model.memory.fit(torch.cat(desc), seed=self.cfg.seed)
+        self.model.regions.fit(good.to(self.device).float().div_(255), seed=self.cfg.seed)
         return True
 
     def validation_set(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -607,6 +608,9 @@ class Trainer:
         if outs[0].novelty_score is not None:
             mean, std = good_stats(torch.cat([o.novelty_score for o in outs]).cpu())
             base = replace(base, novelty_mean=mean, novelty_std=std)
+        if outs[0].region_score is not None:
+            mean, std = good_stats(torch.cat([o.region_score for o in outs]).cpu())
+            base = replace(base, region_mean=mean, region_std=std)
         scores = {k: torch.cat([image_scores(o, base)[k] for o in outs]).cpu().numpy()
                   for k in image_scores(outs[0], base)}
         y = labels.numpy()

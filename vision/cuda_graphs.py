@@ -71,7 +71,7 @@ def cat_rows(parts: Sequence[T]) -> T:
 
 
 def inference_copy(model: DefectModel, dtype: torch.dtype) -> DefectModel:
-    """A frozen copy of `model` on its device with weights in `dtype` and the memory bank in fp32.
+    """A frozen copy of `model` on its device with weights in `dtype` and the memory banks in fp32.
 
     Built fresh and loaded from the state dict, so no hooks come along and the bank never passes
     through `dtype`. Later changes to `model` do not reach the copy.
@@ -80,6 +80,7 @@ def inference_copy(model: DefectModel, dtype: torch.dtype) -> DefectModel:
         twin = DefectModel(model.config)
     twin.to(dtype)
     twin.memory.float()
+    twin.regions.float()
     twin.load_state_dict(model.state_dict())
     return twin.eval().requires_grad_(False)
 

@@ -1,4 +1,4 @@
-"""The fast defect model: ViT encoder + multi-scale defect head + patch memory bank.
+"""The fast defect model: ViT encoder + multi-scale defect head + patch memory bank + region statistics.
 
 Pure torch: no file I/O; device and dtype come from the caller.
 """
@@ -16,6 +16,7 @@ from lineinspect.vision.encoder import EncoderConfig, VisionEncoder
 from lineinspect.vision.heads import DefectHead, HeadConfig, HeadOutput
 from lineinspect.vision.memory_bank import PatchMemoryBank, patch_descriptors
 from lineinspect.vision.preprocess import MEAN, STD
+from lineinspect.vision.region_stats import RegionStatsBank
 
 # ImageNet statistics; also what timm and CLIP-style checkpoints expect within rounding.
 
@@ -25,6 +26,7 @@ class DefectModelConfig:
     encoder: EncoderConfig
     head: HeadConfig
     memory_bank_size: int = 2048  # coreset patches kept from good images
+    region_bank_size: int = 8192  # good regions' statistics kept per scale (vision.region_stats)
     map_smoothing: int = 5  # box filter (px at model resolution) before taking the map's peak
 
 
@@ -37,6 +39,7 @@ class DefectOutput(NamedTuple):
     class_logits: torch.Tensor | None  # (B, K)
     cls: torch.Tensor  # (B, C) encoder class token (for the language path)
     patches: torch.Tensor  # (B, N, C) encoder patch tokens (for the language path)
+    region_score: torch.Tensor | None = None  # (B,) regional grey-level statistics, when that bank is fitted
 
 
 class DefectModel(nn.Module):
@@ -47,6 +50,7 @@ class DefectModel(nn.Module):
         self.encoder = VisionEncoder(enc)
         self.head = DefectHead(config.head, enc.embed_dim, len(enc.feature_layers))
         self.memory = PatchMemoryBank(enc.embed_dim * len(enc.feature_layers), config.memory_bank_size)
+        self.regions = RegionStatsBank(config.region_bank_size)
         # Masked patch reconstruction (self-supervision on good images): a learned mask token
         # replaces hidden patches and a linear layer predicts their pixels.
         self.mask_token = nn.Parameter(torch.zeros(1, 1, enc.embed_dim))
@@ -98,10 +102,12 @@ class DefectModel(nn.Module):
         prob = torch.sigmoid(head.mask_logits.float())
         k = self.config.map_smoothing
         smooth = F.avg_pool2d(prob, k, 1, k // 2, count_include_pad=False) if k > 1 else prob
-        memory_map = None
+        memory_map = region_score = None
         if use_memory and (bool(self.memory.fitted) if bank_fitted is None else bank_fitted):
             dist = self.memory(patch_descriptors(enc.features), enc.grid)
             memory_map = F.interpolate(dist, size=images.shape[-2:], mode="bilinear")
+            if self.regions.ready:
+                region_score = self.regions(images)
         novelty_score = None
         if head.novelty is not None:
             novelty_score = F.avg_pool2d(head.novelty.float(), 3, 1, 1, count_include_pad=False).flatten(1).amax(1)
@@ -114,6 +120,7 @@ class DefectModel(nn.Module):
             class_logits=head.class_logits,
             cls=cls_token,
             patches=enc.patches,
+            region_score=region_score,
         )
 
     def _side_stream(self, x: torch.Tensor) -> torch.cuda.Stream | None:

@@ -54,6 +54,8 @@ class Calibration:
     memory_std: float = 1.0
     novelty_mean: float = 1.0  # good-image statistics of the peak self-similarity novelty
     novelty_std: float = 1.0
+    region_mean: float = 0.0  # good-image statistics of the region-statistics score
+    region_std: float = 1.0
     min_box_area: float = 0.0005  # fraction of the image; smaller regions are not boxed
     seed_fraction: float = 0.45  # defect cores: a level's threshold + this share of the way to 1
     # a second, looser level for boxes: faint defects the pixel threshold misses (chosen on labelled boxes)
@@ -90,7 +92,10 @@ def image_scores(out: DefectOutput, cal: Calibration) -> dict[str, torch.Tensor]
     if out.novelty_score is not None:
         z = (out.novelty_score.float() - cal.novelty_mean) / max(cal.novelty_std, 1e-6)
         scores["novelty"] = squash_peak(z, cal.peak_squash)
-    extra = [scores[k] for k in ("memory", "novelty") if k in scores]
+    if out.region_score is not None:
+        z = (out.region_score.float() - cal.region_mean) / max(cal.region_std, 1e-6)
+        scores["regions"] = squash_peak(z, cal.peak_squash)
+    extra = [scores[k] for k in ("memory", "novelty", "regions") if k in scores]
     if extra:
         scores["fused"] = (head + sum(extra)) / (1 + len(extra))
     return scores
@@ -120,14 +125,14 @@ def calibrated_score(out: DefectOutput, cal: Calibration) -> torch.Tensor:
 
 
 def uses_memory(cal: Calibration) -> bool:
-    """Whether the calibrated score reads the memory bank."""
+    """Whether the calibrated score reads the memory bank (and the region statistics fitted with it)."""
     return cal.score_source in ("memory", "fused")
 
 
 def graph_fields(cal: Calibration) -> tuple:
     """The calibration fields that CUDA graphs compute with (thresholds are applied on the host)."""
     return (cal.score_source, cal.peak_squash, cal.memory_mean, cal.memory_std, cal.novelty_mean, cal.novelty_std,
-            bool(cal.class_names))
+            cal.region_mean, cal.region_std, bool(cal.class_names))
 
 
 def cpu_bf16_copy(model: DefectModel) -> DefectModel | None:

@@ -31,18 +31,22 @@ from lineinspect.vision.int8 import SCHEME, int8_layout, quantized_layers
 FORMAT = "lineinspect-defect-model"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
+# Buffers added after models were first saved: a model directory without them loads with them unfitted.
+LATER_BUFFERS = ("regions.",)
 CONFIG = "config.json"
 
 
 def model_config_to_dict(config: DefectModelConfig) -> dict:
     return {"encoder": config.encoder.to_dict(), "head": config.head.to_dict(),
-            "memory_bank_size": config.memory_bank_size, "map_smoothing": config.map_smoothing}
+            "memory_bank_size": config.memory_bank_size, "region_bank_size": config.region_bank_size,
+            "map_smoothing": config.map_smoothing}
 
 
 def model_config_from_dict(data: dict) -> DefectModelConfig:
     return DefectModelConfig(
         encoder=EncoderConfig.from_dict(data["encoder"]), head=HeadConfig.from_dict(data["head"]),
         memory_bank_size=data["memory_bank_size"], map_smoothing=data["map_smoothing"],
+        **({"region_bank_size": data["region_bank_size"]} if "region_bank_size" in data else {}),
     )
 
 
@@ -114,6 +118,7 @@ def load_model_dir(model_dir: str | Path) -> tuple[DefectModel, Calibration, dic
         raise LineInspectError(f"{weights}: unreadable or truncated weights ({exc}); retrain or restore") from exc
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(LATER_BUFFERS)]
     except RuntimeError as exc:  # a tensor's shape differs from what config.json builds
         detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
         raise LineInspectError(f"{weights}: weights do not match config.json ({detail}); the directory was "

@@ -160,11 +160,14 @@ def test_runner_refuses_capture_on_a_device_that_is_not_cuda() -> None:
         CudaGraphRunner(mean_rows, SIZE, torch.device("cpu"), torch.float32)
 
 
-def test_inference_copy_keeps_the_memory_bank_in_fp32() -> None:
+def test_inference_copy_keeps_the_memory_banks_in_fp32() -> None:
     model = small_model()
     with torch.no_grad():
         model.memory.fit(torch.randn(100, model.memory.bank.shape[1]))
+        model.regions.fit(torch.rand(12, 3, SIZE, SIZE))
     twin = inference_copy(model, torch.bfloat16)
+    assert twin.regions.ready and twin.regions.bank.dtype == torch.float32
+    assert torch.equal(twin.regions.bank, model.regions.bank)
     assert twin.encoder.vit.patch_embed.proj.weight.dtype == torch.bfloat16
     assert twin.head.stem.s2[0][1].running_var.dtype == torch.bfloat16
     assert twin.memory.bank.dtype == torch.float32 and torch.equal(twin.memory.bank, model.memory.bank)
@@ -204,10 +207,12 @@ def test_cpu_inspector_is_the_eager_path() -> None:
 @pytest.mark.parametrize("score_source", ["head", "fused"])
 def test_graph_path_matches_eager_path(monkeypatch: pytest.MonkeyPatch, score_source: str) -> None:
     model = small_model()
-    if score_source == "fused":  # the memory bank and novelty scores go through the graphs too
+    if score_source == "fused":  # the memory bank, region statistics and novelty go through the graphs too
         with torch.no_grad():
-            desc, _ = model.descriptors(torch.rand(4, 3, SIZE, SIZE))
+            good = torch.rand(4, 3, SIZE, SIZE)
+            desc, _ = model.descriptors(good)
             model.memory.fit(desc.flatten(0, 1))
+            model.regions.fit(good)
     cal = Calibration(score_source=score_source, threshold=0.5, pixel_threshold=0.5, class_names=("a", "b", "c"))
     eager = Inspector(model, cal, "cpu", precision="fp32")
     graphed = graphs_on_cpu(Inspector(model, cal, "cpu", precision="fp32", buckets=(1, 2, 4)), monkeypatch)

@@ -1,0 +1,88 @@
+"""Regional grey-level statistics: the training-free score fitted beside the memory bank."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lineinspect.vision.defect_model import DefectModel, DefectModelConfig
+from lineinspect.vision.encoder import preset
+from lineinspect.vision.heads import HeadConfig
+from lineinspect.vision.inspector import Calibration, image_scores
+from lineinspect.vision.model_io import load_inspector, save_model_dir
+from lineinspect.vision.region_stats import SCALES, STATS, RegionStatsBank, region_stats
+
+
+def textured(n: int, seed: int) -> torch.Tensor:
+    """Grey parts with fine noise, as a line's good images."""
+    g = torch.Generator().manual_seed(seed)
+    return (0.5 + 0.05 * torch.randn(n, 1, 64, 64, generator=g)).clamp(0, 1).expand(n, 3, 64, 64).contiguous()
+
+
+def test_region_stats_of_a_flat_image_and_the_region_grid() -> None:
+    flat = torch.full((2, 3, 64, 64), 0.25)
+    half, quarter = region_stats(flat, 0.5), region_stats(flat, 0.25)
+    assert half.shape == (2, 9, STATS) and quarter.shape == (2, 49, STATS)  # stride half a region
+    expected = torch.tensor([0.25, 0.0, 0.25, 0.25, 0.25, 0.25])
+    torch.testing.assert_close(half[1, 4], expected)
+    ramp = torch.linspace(0, 1, 64 * 64).view(1, 1, 64, 64).expand(1, 3, 64, 64)
+    mean, std, q01, q10, q90, q99 = region_stats(ramp, 1.0)[0, 0]
+    assert q01 < q10 < mean < q90 < q99 and float(q99 - q01) == pytest.approx(0.98, abs=0.01) and std > 0.2
+
+
+def test_a_darker_region_scores_above_held_out_good_parts() -> None:
+    bank = RegionStatsBank(4096)
+    assert not bank.ready
+    bank.fit(textured(40, seed=0))
+    assert bank.ready and bool(bank.fitted)
+    assert int((bank.bank[0] < 1e3).all(1).sum()) == 36 * 9  # 4 of every 40 held out as the reference
+    good = textured(8, seed=1)
+    patch = good.clone()
+    patch[:, :, 8:28, 30:50] -= 0.15  # a faint dark patch, a tenth of the image
+    dots = good.clone()
+    dots[:, :, 40:44:2, 10:60:6] = 0.05  # a row of dark specks
+    scores = [bank(x) for x in (good, patch, dots)]
+    assert float(scores[1].min()) > float(scores[0].max()) and float(scores[2].min()) > float(scores[0].max())
+    assert abs(float(scores[0].mean())) < 2.0  # standardised by held-out goods: goods sit near 0
+
+
+def test_the_bank_is_saved_with_the_model_and_older_model_dirs_load_without_it(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = DefectModel(DefectModelConfig(preset("tiny", img_size=64), HeadConfig(), memory_bank_size=32,
+                                          region_bank_size=512)).eval()
+    good = textured(12, seed=0)
+    with torch.no_grad():
+        desc, _ = model.descriptors(good)
+        model.memory.fit(desc.flatten(0, 1))
+        model.regions.fit(good)
+    save_model_dir(tmp_path / "m", model, Calibration(score_source="fused"))
+    loaded = load_inspector(tmp_path / "m", cuda_graphs=False)
+    assert loaded.model.regions.ready and loaded.model.config.region_bank_size == 512
+    torch.testing.assert_close(loaded.model.regions.bank, model.regions.bank)
+    with torch.no_grad():
+        scores = image_scores(loaded.model(good[:2]), loaded.calibration)
+    assert "regions" in scores and scores["fused"].shape == (2,)
+
+    # A directory written before the region statistics existed: no regions.* tensors, no config entry.
+    weights = tmp_path / "m" / "model.safetensors"
+    save_file({k: v for k, v in load_file(str(weights)).items() if not k.startswith("regions.")}, str(weights))
+    config = tmp_path / "m" / "config.json"
+    written = json.loads(config.read_text())
+    del written["model"]["region_bank_size"]
+    config.write_text(json.dumps(written))
+    older = load_inspector(tmp_path / "m", cuda_graphs=False)
+    assert not older.model.regions.ready
+    with torch.no_grad():
+        out = older.model(good[:2])
+    assert out.region_score is None and out.memory_map is not None
+    assert set(image_scores(out, older.calibration)) == {"image", "map", "head", "memory", "novelty", "fused"}
+
+
+def test_both_scales_are_fitted() -> None:
+    bank = RegionStatsBank(256)
+    bank.fit(textured(20, seed=2))
+    assert bank.bank.shape == (len(SCALES), 256, STATS)
+    assert (bank.ref_std > 0).all() and (bank.spread > 0).all()
