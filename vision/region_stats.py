@@ -20,18 +20,30 @@ QUANTILES = (0.01, 0.1, 0.9, 0.99)
 STATS = 2 + len(QUANTILES)  # mean, standard deviation, quantiles
 NEIGHBOURS = 5
 FAR = 1e4  # where unused bank rows sit, so they are never among the nearest
+LEVELS = 256  # grey levels of the quantiles' histograms
 
 
 def region_stats(images: torch.Tensor, scale: float) -> torch.Tensor:
-    """(B, 3, S, S) in [0, 1] -> (B, R, STATS): the statistics of each region at `scale`."""
+    """(B, 3, S, S) in [0, 1] -> (B, R, STATS): the statistics of each region at `scale`.
+
+    Quantiles come from each region's 256-level histogram (exact to a grey level for 8-bit images): a
+    sort of every region's pixels cost 2.2 ms a scale for one 168 px image on a 2-core CPU, the
+    histogram 0.15 ms, and neither needs the host, so CUDA graphs can hold it."""
     grey = images.float().mean(1)
     side = max(4, round(grey.shape[-1] * scale))
     step = max(1, side // 2)
-    cells = grey.unfold(1, side, step).unfold(2, side, step).flatten(1, 2).flatten(2)  # (B, R, side^2)
-    ordered = cells.sort(-1).values
-    last = ordered.shape[-1] - 1
-    quantiles = [ordered[..., round(q * last)] for q in QUANTILES]  # graph-safe: no torch.quantile host checks
-    return torch.stack([cells.mean(-1), cells.std(-1), *quantiles], -1)
+
+    def regions(x: torch.Tensor) -> torch.Tensor:  # (B, S, S) -> (B * R, side^2)
+        return x.unfold(1, side, step).unfold(2, side, step).flatten(3).flatten(0, 2)
+
+    cells = regions(grey)
+    levels = regions((grey * (LEVELS - 1)).round_().clamp_(0, LEVELS - 1).long())
+    counts = torch.zeros(len(levels), LEVELS, device=grey.device).scatter_add_(
+        1, levels, torch.ones_like(levels, dtype=torch.float32))
+    ranks = (torch.tensor(QUANTILES, device=grey.device) * (cells.shape[1] - 1)).round() + 1  # 1-based order statistics
+    quantiles = torch.searchsorted(counts.cumsum(1), ranks.expand(len(cells), -1).contiguous()) / (LEVELS - 1)
+    stats = torch.cat([cells.mean(1, keepdim=True), cells.std(1, keepdim=True), quantiles], 1)
+    return stats.view(len(grey), -1, STATS)
 
 
 class RegionStatsBank(nn.Module):

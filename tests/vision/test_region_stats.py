@@ -13,7 +13,7 @@ from lineinspect.vision.encoder import preset
 from lineinspect.vision.heads import HeadConfig
 from lineinspect.vision.inspector import Calibration, image_scores
 from lineinspect.vision.model_io import load_inspector, save_model_dir
-from lineinspect.vision.region_stats import SCALES, STATS, RegionStatsBank, region_stats
+from lineinspect.vision.region_stats import QUANTILES, SCALES, STATS, RegionStatsBank, region_stats
 
 
 def textured(n: int, seed: int) -> torch.Tensor:
@@ -27,10 +27,15 @@ def test_region_stats_of_a_flat_image_and_the_region_grid() -> None:
     half, quarter = region_stats(flat, 0.5), region_stats(flat, 0.25)
     assert half.shape == (2, 9, STATS) and quarter.shape == (2, 49, STATS)  # stride half a region
     expected = torch.tensor([0.25, 0.0, 0.25, 0.25, 0.25, 0.25])
-    torch.testing.assert_close(half[1, 4], expected)
+    torch.testing.assert_close(half[1, 4], expected, rtol=0, atol=0.5 / 255)  # quantiles to the nearest grey level
     ramp = torch.linspace(0, 1, 64 * 64).view(1, 1, 64, 64).expand(1, 3, 64, 64)
     mean, std, q01, q10, q90, q99 = region_stats(ramp, 1.0)[0, 0]
     assert q01 < q10 < mean < q90 < q99 and float(q99 - q01) == pytest.approx(0.98, abs=0.01) and std > 0.2
+    # The histogram's quantiles are the sorted pixels' order statistics, to half a grey level.
+    image = torch.randint(0, 256, (2, 3, 64, 64)).float() / 255
+    pixels = image.mean(1).unfold(1, 16, 8).unfold(2, 16, 8).flatten(3).flatten(1, 2).sort(-1).values
+    ordered = torch.stack([pixels[..., round(q * 255)] for q in QUANTILES], -1)
+    torch.testing.assert_close(region_stats(image, 0.25)[..., 2:], ordered, rtol=0, atol=0.5 / 255)
 
 
 def test_a_darker_region_scores_above_held_out_good_parts() -> None:
