@@ -56,11 +56,11 @@ from lineinspect.vision.precision import autocast, autocast_dtype
 # Per-preset defaults: (total steps, CPU batch, GPU batch, memory-bank size, learning rate,
 # share of steps for masked reconstruction). A 3-minute CPU run of `tiny` does better spending
 # every step on the defect objective (image AUROC 0.951 vs 0.902 with 15% SSL, bench/RESULTS.md).
-# `s14`'s bank of 2048 rows costs half the 4096's nearest-neighbour product (13 ms of a 168 px CPU
-# frame) and scored as well (fused AUROC on real steel and the synthetic line, session 25).
+# `s14`'s bank of 1024 rows scored as well as 2048 and 4096 (fused AUROC on real steel and the synthetic
+# line, session 25) and costs a 168 px CPU frame ~7 ms less than 2048 (session 26, beside the region statistics).
 PRESET_DEFAULTS = {
     "tiny": (1500, 16, 64, 2048, 1e-3, 0.0),
-    "s14": (3000, 16, 64, 2048, 5e-4, 0.1),
+    "s14": (3000, 16, 64, 1024, 5e-4, 0.1),
     "l14": (4000, 16, 64, 8192, 2e-4, 0.15),
 }
 # On a CPU the few hundred steps a budget allows are worth more on the defect objective: `s14`, 20
