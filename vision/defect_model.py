@@ -79,9 +79,11 @@ class DefectModel(nn.Module):
     def forward(self, images: torch.Tensor, use_memory: bool = True, bank_fitted: bool | None = None) -> DefectOutput:
         """images: (B, 3, S, S) float in [0, 1] (normalisation happens here).
 
-        With `use_memory` the memory bank's map is added when the bank is fitted. `bank_fitted` says
-        whether it is when the caller knows; otherwise the flag is read from the device, a host sync
-        that CUDA graph capture does not allow.
+        With `use_memory` the memory bank's map is added when the bank is fitted, and the region
+        statistics' score when they are (fitted with it; models saved before them have none). `bank_fitted`
+        says whether the bank is when the caller knows; otherwise the flag is read from the device, a host
+        sync that CUDA graph capture does not allow (the region statistics' flag is read on the host at fit
+        and load time).
         """
         x = self.normalize(images)
         side = self._side_stream(x)
