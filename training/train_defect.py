@@ -573,7 +573,7 @@ class Trainer:
                 d, _ = self.model.descriptors(x)
             desc.append(d.float().flatten(0, 1))
         self.model.memory.fit(torch.cat(desc), seed=self.cfg.seed)
-        self.model.regions.fit(good.to(self.device).float().div_(255), seed=self.cfg.seed)
+        self.model.regions.fit(good.to(self.device), seed=self.cfg.seed)  # uint8: converted a chunk at a time
         return True
 
     def validation_set(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -21,6 +21,7 @@ STATS = 2 + len(QUANTILES)  # mean, standard deviation, quantiles
 NEIGHBOURS = 5
 FAR = 1e4  # where unused bank rows sit, so they are never among the nearest
 LEVELS = 256  # grey levels of the quantiles' histograms
+CHUNK = 64  # images converted and scored at a time while fitting
 
 
 def region_stats(images: torch.Tensor, scale: float) -> torch.Tensor:
@@ -64,15 +65,17 @@ class RegionStatsBank(nn.Module):
 
     @torch.no_grad()
     def fit(self, images: torch.Tensor, seed: int = 0) -> None:
-        """images: (N, 3, S, S) good images in [0, 1]; every tenth one is held out as the reference."""
+        """images: (N, 3, S, S) good images, uint8 or float in [0, 1]; every tenth one is held out as the
+        reference. Converted and scored a chunk at a time, so a line of thousands fits in little memory."""
         held_out = torch.arange(len(images), device=images.device) % 10 == 0
         banked = ~held_out
         if len(images) < 10:  # too few to hold any out: the reference is the banked images themselves
             held_out = banked = torch.ones_like(held_out)
         g = torch.Generator().manual_seed(seed)
         size = self.bank.shape[1]
+        chunks = [c.float().div(255) if c.dtype == torch.uint8 else c for c in images.split(CHUNK)]
         for i, scale in enumerate(SCALES):
-            stats = torch.cat([region_stats(chunk, scale) for chunk in images.split(64)])  # (N, R, STATS)
+            stats = torch.cat([region_stats(chunk, scale) for chunk in chunks])  # (N, R, STATS)
             centre, spread = stats.flatten(0, 1).mean(0), stats.flatten(0, 1).std(0).clamp_min(1e-6)
             rows = ((stats[banked] - centre) / spread).flatten(0, 1)
             if len(rows) > size:
@@ -80,20 +83,22 @@ class RegionStatsBank(nn.Module):
             self.bank[i].fill_(FAR)
             self.bank[i, : len(rows)] = rows
             self.centre[i], self.spread[i] = centre, spread
-            ref = self._scale_scores(images[held_out], i)
+            ref = torch.cat([self._scale_scores(part, i) for part in stats[held_out].split(CHUNK)])
             self.ref_mean[i], self.ref_std[i] = ref.mean(), ref.std().clamp_min(1e-6) if len(ref) > 1 else 1.0
         self.fitted.fill_(True)
         self.ready = True
 
-    def _scale_scores(self, images: torch.Tensor, i: int) -> torch.Tensor:
-        """(B,) the largest over regions of the mean distance to the NEIGHBOURS nearest good regions."""
-        stats = (region_stats(images, SCALES[i]) - self.centre[i]) / self.spread[i]  # (B, R, STATS)
-        dist = torch.cdist(stats.flatten(0, 1), self.bank[i])  # (B * R, size)
+    def _scale_scores(self, stats: torch.Tensor, i: int) -> torch.Tensor:
+        """(B, R, STATS) region statistics at scale i -> (B,): the largest over regions of the mean
+        distance to the NEIGHBOURS nearest good regions."""
+        z = (stats - self.centre[i]) / self.spread[i]
+        dist = torch.cdist(z.flatten(0, 1), self.bank[i])  # (B * R, size)
         near = dist.topk(NEIGHBOURS, dim=1, largest=False).values.mean(1)
-        return near.view(len(images), -1).amax(1)
+        return near.view(len(stats), -1).amax(1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) in [0, 1] -> (B,): the largest per-scale score, each standardised by held-out goods."""
         with torch.autocast(images.device.type, enabled=False):
-            z = [(self._scale_scores(images, i) - self.ref_mean[i]) / self.ref_std[i] for i in range(len(SCALES))]
+            z = [(self._scale_scores(region_stats(images, scale), i) - self.ref_mean[i]) / self.ref_std[i]
+                 for i, scale in enumerate(SCALES)]
         return torch.stack(z).amax(0)

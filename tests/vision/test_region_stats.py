@@ -91,3 +91,12 @@ def test_both_scales_are_fitted() -> None:
     bank.fit(textured(20, seed=2))
     assert bank.bank.shape == (len(SCALES), 256, STATS)
     assert (bank.ref_std > 0).all() and (bank.spread > 0).all()
+
+
+def test_fitting_uint8_images_matches_fitting_them_as_floats() -> None:
+    images = (textured(25, seed=3) * 255).round().to(torch.uint8)
+    from_bytes, from_floats = RegionStatsBank(1024), RegionStatsBank(1024)
+    from_bytes.fit(images)
+    from_floats.fit(images.float() / 255)
+    for name, tensor in from_bytes.state_dict().items():
+        torch.testing.assert_close(tensor, from_floats.state_dict()[name])
