@@ -125,8 +125,8 @@ def calibrated_score(out: DefectOutput, cal: Calibration) -> torch.Tensor:
 
 
 def uses_memory(cal: Calibration) -> bool:
-    """Whether the calibrated score reads the memory bank (and the region statistics fitted with it)."""
-    return cal.score_source in ("memory", "fused")
+    """Whether the calibrated score reads the memory bank or the region statistics fitted with it."""
+    return cal.score_source in ("memory", "regions", "fused")
 
 
 def graph_fields(cal: Calibration) -> tuple:
