@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--score-source", choices=("auto", "head", "fused"), default="auto",
                    help="the image score the model serves: 'head' (the learned head alone) or 'fused' (head, memory "
                    "bank, self-similarity and region statistics; on real steel with unseen defects 0.10 higher mean "
-                   "image AUROC, and ~7-10 ms a frame on a 2-core CPU at 168 px); auto (default): "
+                   "image AUROC, and ~10 ms a frame on a 2-core CPU for s14 at 168 px); auto (default): "
                    "fused on lines validated on synthetic defects alone, head where real labelled defects validate it, "
                    "unless the validation set shows another source clearly better")
     p.add_argument("--render-workers", type=int, default=None, metavar="N",
