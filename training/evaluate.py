@@ -11,7 +11,7 @@ from tqdm import tqdm
 from lineinspect.errors import LineInspectError
 from lineinspect.training.datasets import Dataset, Sample
 from lineinspect.training.metrics import EvalAccumulator, image_auroc, pixel_auroc
-from lineinspect.vision.inspector import Inspector, calibrated_score
+from lineinspect.vision.inspector import Inspector, calibrated_map, calibrated_score
 from lineinspect.vision.preprocess import to_batch
 from lineinspect.vision.result import Box
 
@@ -49,13 +49,14 @@ def evaluate(inspector: Inspector, dataset: Dataset, batch_size: int = 16, laten
     summary["latency_ms_p50"], summary["latency_ms_p99"] = _latency(inspector, samples, latency_samples)
     summary["threshold"] = inspector.threshold
     summary["score_source"] = inspector.calibration.score_source
+    summary["map_source"] = inspector.calibration.map_source
     return summary
 
 
 def compare_models(reference: Inspector, candidate: Inspector, samples: list[Sample], batch_size: int = 16) -> dict:
     """How far `candidate` (e.g. the int8 model) moves from `reference` (fp32) on the same images:
     image scores, verdicts at each model's threshold, Pearson correlation of the model-resolution
-    maps, and image AUROC of both when the samples hold good and defect images."""
+    served maps, and image AUROC of both when the samples hold good and defect images."""
     ref_scores, cand_scores, corr = [], [], []
     for start in range(0, len(samples), batch_size):
         images = [s.load_image() for s in samples[start : start + batch_size]]
@@ -63,7 +64,7 @@ def compare_models(reference: Inspector, candidate: Inspector, samples: list[Sam
         for insp in (reference, candidate):
             out = insp.run_model(to_batch(images, insp.input_size, insp.device))
             outs.append((calibrated_score(out, insp.calibration).float().cpu().numpy(),
-                         out.anomaly_map.flatten(1).float().cpu().numpy()))
+                         calibrated_map(out, insp.calibration).flatten(1).cpu().numpy()))
         (rs, rm), (cs, cm) = outs
         ref_scores += rs.tolist()
         cand_scores += cs.tolist()

@@ -49,7 +49,7 @@ from lineinspect.vision.checkpoints import load_pretrained_encoder
 from lineinspect.vision.defect_model import DefectModel, DefectModelConfig
 from lineinspect.vision.encoder import preset
 from lineinspect.vision.heads import HeadConfig, HeadOutput, focus_region
-from lineinspect.vision.inspector import Calibration, image_scores
+from lineinspect.vision.inspector import Calibration, calibrated_map, image_scores
 from lineinspect.vision.model_io import resolve_device, save_model_dir
 from lineinspect.vision.precision import autocast, autocast_dtype
 
@@ -638,7 +638,10 @@ class Trainer:
                 notes["val_goods_flagged"] = round(float((held_out_goods >= threshold).mean()), 4)
         else:
             threshold = 0.5  # only defect images to validate on: keep the trained decision point
-        maps = torch.cat([o.anomaly_map for o in outs]).float().cpu()
+        # the served map follows the score: fused where the score reads the bank (`calibrated_map`)
+        map_source = "fused" if bank_fitted and source in ("memory", "regions", "fused") else "head"
+        base = replace(base, map_source=map_source)
+        maps = torch.cat([calibrated_map(o, base) for o in outs]).cpu()
         sel = labels.bool()
         pix_scores = maps[sel].flatten().numpy()
         pix_labels = masks[sel].flatten().numpy() > 0

@@ -40,6 +40,7 @@ class DefectOutput(NamedTuple):
     cls: torch.Tensor  # (B, C) encoder class token (for the language path)
     patches: torch.Tensor  # (B, N, C) encoder patch tokens (for the language path)
     region_score: torch.Tensor | None = None  # (B,) regional grey-level statistics, when that bank is fitted
+    region_map: torch.Tensor | None = None  # (B, 1, S, S) their per-pixel map (the score is its peak per scale)
 
 
 class DefectModel(nn.Module):
@@ -104,12 +105,12 @@ class DefectModel(nn.Module):
         prob = torch.sigmoid(head.mask_logits.float())
         k = self.config.map_smoothing
         smooth = F.avg_pool2d(prob, k, 1, k // 2, count_include_pad=False) if k > 1 else prob
-        memory_map = region_score = None
+        memory_map = region_score = region_map = None
         if use_memory and (bool(self.memory.fitted) if bank_fitted is None else bank_fitted):
             dist = self.memory(patch_descriptors(enc.features), enc.grid)
             memory_map = F.interpolate(dist, size=images.shape[-2:], mode="bilinear")
             if self.regions.ready:
-                region_score = self.regions(images)
+                region_score, region_map = self.regions(images)
         novelty_score = None
         if head.novelty is not None:
             novelty_score = F.avg_pool2d(head.novelty.float(), 3, 1, 1, count_include_pad=False).flatten(1).amax(1)
@@ -123,6 +124,7 @@ class DefectModel(nn.Module):
             cls=cls_token,
             patches=enc.patches,
             region_score=region_score,
+            region_map=region_map,
         )
 
     def _side_stream(self, x: torch.Tensor) -> torch.cuda.Stream | None:

@@ -286,13 +286,15 @@ def test_streak_share_is_off_by_default_and_reaches_the_config(line, tmp_path) -
         TrainConfig(streak_share=1.5).resolved()
 
 
-def test_score_source_can_be_set_instead_of_chosen(line, tmp_path) -> None:
+@pytest.mark.parametrize("source", ["head", "fused"])
+def test_score_source_can_be_set_instead_of_chosen_and_the_map_follows_it(line, tmp_path, source: str) -> None:
     out = tmp_path / "m"
     assert main(["train", "--data", str(line), "--preset", "tiny", "--img-size", "64", "--steps", "3",
-                 "--batch-size", "8", "--score-source", "head", "--out", str(out)]) == 0
+                 "--batch-size", "8", "--score-source", source, "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["calibration"]["score_source"] == "head" and "source_margin" not in config["calibration"]["notes"]
-    assert load_inspector(out).calibration.score_source == "head"
+    assert config["calibration"]["score_source"] == source and "source_margin" not in config["calibration"]["notes"]
+    assert config["calibration"]["map_source"] == source  # the map served, and boxed at thresholds chosen on it
+    assert load_inspector(out).calibration.score_source == source
     with pytest.raises(LineInspectError, match="score source"):
         TrainConfig(score_source="memory").resolved()
 

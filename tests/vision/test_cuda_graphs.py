@@ -204,16 +204,18 @@ def test_cpu_inspector_is_the_eager_path() -> None:
     assert np.allclose(result.heatmap, expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("score_source", ["head", "fused", "regions"])
-def test_graph_path_matches_eager_path(monkeypatch: pytest.MonkeyPatch, score_source: str) -> None:
+@pytest.mark.parametrize(("score_source", "map_source"),
+                         [("head", "head"), ("fused", "fused"), ("regions", "head"), ("head", "fused")])
+def test_graph_path_matches_eager_path(monkeypatch: pytest.MonkeyPatch, score_source: str, map_source: str) -> None:
     model = small_model()
-    if score_source != "head":  # the memory bank, region statistics and novelty go through the graphs too
+    if (score_source, map_source) != ("head", "head"):  # the bank, region statistics and novelty go through graphs
         with torch.no_grad():
             good = torch.rand(4, 3, SIZE, SIZE)
             desc, _ = model.descriptors(good)
             model.memory.fit(desc.flatten(0, 1))
             model.regions.fit(good)
-    cal = Calibration(score_source=score_source, threshold=0.5, pixel_threshold=0.5, class_names=("a", "b", "c"))
+    cal = Calibration(score_source=score_source, map_source=map_source, threshold=0.5, pixel_threshold=0.5,
+                      class_names=("a", "b", "c"))
     eager = Inspector(model, cal, "cpu", precision="fp32")
     graphed = graphs_on_cpu(Inspector(model, cal, "cpu", precision="fp32", buckets=(1, 2, 4)), monkeypatch)
     images = frames(7)  # two chunks: 4 + 3 (bucket 4, one padding row)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lineinspect.errors import LineInspectError
 from lineinspect.vision.defect_model import DefectModel, DefectModelConfig
 from lineinspect.vision.encoder import preset
 from lineinspect.vision.heads import HeadConfig
-from lineinspect.vision.inspector import Calibration, image_scores
+from lineinspect.vision.inspector import Calibration, calibrated_map, image_scores, squash_peak, uses_memory
 from lineinspect.vision.model_io import load_inspector, save_model_dir
 from lineinspect.vision.region_stats import QUANTILES, SCALES, STATS, RegionStatsBank, region_stats
 
@@ -49,9 +51,21 @@ def test_a_darker_region_scores_above_held_out_good_parts() -> None:
     patch[:, :, 8:28, 30:50] -= 0.15  # a faint dark patch, a tenth of the image
     dots = good.clone()
     dots[:, :, 40:44:2, 10:60:6] = 0.05  # a row of dark specks
-    scores = [bank(x) for x in (good, patch, dots)]
+    scores = [bank(x)[0] for x in (good, patch, dots)]
     assert float(scores[1].min()) > float(scores[0].max()) and float(scores[2].min()) > float(scores[0].max())
     assert abs(float(scores[0].mean())) < 2.0  # standardised by held-out goods: goods sit near 0
+
+
+def test_the_region_map_marks_where_the_unusual_region_is() -> None:
+    bank = RegionStatsBank(4096)
+    bank.fit(textured(40, seed=0))
+    patch = textured(4, seed=1)
+    patch[:, :, 40:60, 4:24] -= 0.15  # bottom left
+    score, heat = bank(patch)
+    assert heat.shape == (4, 1, 64, 64)
+    inside, far = heat[:, 0, 40:60, 4:24].mean((1, 2)), heat[:, 0, 0:20, 40:64].mean((1, 2))  # top right
+    assert bool((inside > far + 3.0).all())  # several of the goods' spreads apart
+    assert bool((heat.flatten(1).amax(1) <= score + 1e-4).all())  # smoothing never lifts it above the score
 
 
 def test_the_bank_is_saved_with_the_model_and_older_model_dirs_load_without_it(tmp_path) -> None:
@@ -100,3 +114,38 @@ def test_fitting_uint8_images_matches_fitting_them_as_floats() -> None:
     from_floats.fit(images.float() / 255)
     for name, tensor in from_bytes.state_dict().items():
         torch.testing.assert_close(tensor, from_floats.state_dict()[name])
+
+
+def fitted_model() -> tuple[DefectModel, torch.Tensor]:
+    torch.manual_seed(0)
+    model = DefectModel(DefectModelConfig(preset("tiny", img_size=64), HeadConfig(), memory_bank_size=64,
+                                          region_bank_size=512)).eval()
+    good = textured(12, seed=0)
+    with torch.no_grad():
+        desc, _ = model.descriptors(good)
+        model.memory.fit(desc.flatten(0, 1))
+        model.regions.fit(good)
+    return model, good
+
+
+def test_the_fused_map_is_the_geometric_mean_of_the_heads_and_the_banks_squashed_maps() -> None:
+    model, good = fitted_model()
+    image = good[:2].clone()
+    image[:, :, 40:60, 4:24] -= 0.15
+    with torch.no_grad():
+        out = model(image)
+    cal = Calibration(score_source="fused", map_source="fused", memory_mean=0.3, memory_std=0.1, region_mean=1.0,
+                      region_std=2.0)
+    assert torch.equal(calibrated_map(out, replace(cal, map_source="head")), out.anomaly_map)
+    memory, regions = squash_peak((out.memory_map - 0.3) / 0.1), squash_peak((out.region_map - 1.0) / 2.0)
+    expected = (out.anomaly_map * (memory + regions) / 2).sqrt()
+    torch.testing.assert_close(calibrated_map(out, cal), expected)
+    assert uses_memory(replace(cal, score_source="head"))  # a fused map needs the bank whatever the score
+
+
+def test_calibrations_written_before_the_map_source_serve_the_heads_map() -> None:
+    written = Calibration(score_source="fused").to_dict()
+    del written["map_source"]
+    assert Calibration.from_dict(written).map_source == "head"
+    with pytest.raises(LineInspectError, match="unknown map source 'regions'"):
+        Calibration.from_dict({**written, "map_source": "regions"})
