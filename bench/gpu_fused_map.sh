@@ -15,6 +15,7 @@ steel)
     DEVICE=cuda TAG=_s14 SCORE_ARGS="--per-image --marked-goods bench/neu_unseen_marked_goods.json" \
     TRAIN_ARGS="--img-size 112 --streak-share 0.3" timeout ${NEU_LIMIT:-300} bash bench/neu_unseen.sh || log neu_unseen cut
   cp $R/evals.jsonl $R/sources.jsonl $R/progress.txt "$OUT/" 2> /dev/null
+  tail -5 $R/eval.log >> "$OUT/log.txt"
   ;;
 serve)
   R=/tmp/lines; synthetic_lines $R

@@ -29,12 +29,14 @@ LEVELS = 256  # grey levels of the quantiles' histograms
 CHUNK = 64  # images converted and scored at a time while fitting
 
 
-def region_stats(images: torch.Tensor, scale: float) -> torch.Tensor:
+def region_stats(images: torch.Tensor, scale: float, quantiles: torch.Tensor | None = None) -> torch.Tensor:
     """(B, 3, S, S) in [0, 1] -> (B, R, STATS): the statistics of each region at `scale`.
 
     Quantiles come from each region's 256-level histogram (to half a grey level of the sorted pixels): a
     sort of every region's pixels cost 2.2 ms a scale for one 168 px image on a 2-core CPU, the
-    histogram 0.15 ms, and neither needs the host, so CUDA graphs can hold it."""
+    histogram 0.15 ms, and neither needs the host, so CUDA graphs can hold it if `quantiles` (QUANTILES as
+    a tensor) is given on the images' device: made here, it is a copy from the host, which a graph cannot
+    capture."""
     grey = images.float().mean(1)
     side = max(4, round(grey.shape[-1] * scale))
     step = max(1, side // 2)
@@ -46,7 +48,9 @@ def region_stats(images: torch.Tensor, scale: float) -> torch.Tensor:
     levels = regions((grey * (LEVELS - 1)).round_().clamp_(0, LEVELS - 1).long())
     counts = torch.zeros(len(levels), LEVELS, device=grey.device).scatter_add_(
         1, levels, torch.ones_like(levels, dtype=torch.float32))
-    ranks = (torch.tensor(QUANTILES, device=grey.device) * (cells.shape[1] - 1)).round() + 1  # 1-based order statistics
+    if quantiles is None:
+        quantiles = torch.tensor(QUANTILES, device=grey.device)
+    ranks = (quantiles * (cells.shape[1] - 1)).round() + 1  # 1-based order statistics
     quantiles = torch.searchsorted(counts.cumsum(1), ranks.expand(len(cells), -1).contiguous()) / (LEVELS - 1)
     stats = torch.cat([cells.mean(1, keepdim=True), cells.std(1, keepdim=True), quantiles], 1)
     return stats.view(len(grey), -1, STATS)
@@ -69,6 +73,7 @@ class RegionStatsBank(nn.Module):
         self.register_buffer("ref_mean", torch.zeros(n))  # the per-image score of good images held out of the bank
         self.register_buffer("ref_std", torch.ones(n))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("quantiles", torch.tensor(QUANTILES), persistent=False)  # on the device, for graphs
         # Read on the host once, when fitted or loaded, so forward passes (and CUDA graphs) need no sync.
         self.ready = False
         self.register_load_state_dict_post_hook(lambda module, _keys: setattr(module, "ready", bool(module.fitted)))
@@ -84,7 +89,8 @@ class RegionStatsBank(nn.Module):
         g = torch.Generator().manual_seed(seed)
         size = self.bank.shape[1]
         for i, scale in enumerate(SCALES):
-            stats = torch.cat([region_stats(unit_range(c), scale) for c in images.split(CHUNK)])  # (N, R, STATS)
+            chunks = images.split(CHUNK)
+            stats = torch.cat([region_stats(unit_range(c), scale, self.quantiles) for c in chunks])  # (N, R, STATS)
             centre, spread = stats.flatten(0, 1).mean(0), stats.flatten(0, 1).std(0).clamp_min(1e-6)
             rows = ((stats[banked] - centre) / spread).flatten(0, 1)
             if len(rows) > size:
@@ -117,7 +123,8 @@ class RegionStatsBank(nn.Module):
         with torch.autocast(images.device.type, enabled=False):
             scores, maps = [], []
             for i, scale in enumerate(SCALES):
-                z = (self._region_distances(region_stats(images, scale), i) - self.ref_mean[i]) / self.ref_std[i]
+                stats = region_stats(images, scale, self.quantiles)
+                z = (self._region_distances(stats, i) - self.ref_mean[i]) / self.ref_std[i]
                 scores.append(z.amax(1))
                 n = round(z.shape[1] ** 0.5)  # regions overlap by half: a pixel cell lies in the 2 x 2 around it
                 cells = F.max_pool2d(z.view(len(z), 1, n, n), 2, stride=1, padding=1)

@@ -261,9 +261,16 @@ def test_new_scoring_recaptures_but_a_new_threshold_does_not(monkeypatch: pytest
 
 
 @needs_cuda
-def test_cuda_graphs_agree_with_eager_on_gpu() -> None:
+@pytest.mark.parametrize("source", ["head", "fused"])
+def test_cuda_graphs_agree_with_eager_on_gpu(source: str) -> None:
     model = small_model()
-    cal = Calibration(class_names=("a", "b", "c"))
+    if source == "fused":  # the memory bank and the region statistics' score and map under real graphs
+        with torch.no_grad():
+            good = torch.rand(4, 3, SIZE, SIZE)
+            desc, _ = model.descriptors(good)
+            model.memory.fit(desc.flatten(0, 1))
+            model.regions.fit(good)
+    cal = Calibration(score_source=source, map_source=source, class_names=("a", "b", "c"))
     graphed = Inspector(model, cal, "cuda", buckets=(1, 2, 4))
     eager = Inspector(model, cal, "cuda", cuda_graphs=False)
     assert graphed.graphs is not None and graphed.info()["cuda_graphs"] == [1, 2, 4]
