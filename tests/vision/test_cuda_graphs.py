@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lineinspect.errors import LineInspectError
 from lineinspect.images import decode_image, encode_jpeg, encode_png
@@ -33,7 +34,7 @@ from lineinspect.vision.defect_model import DefectModel, DefectModelConfig, Defe
 from lineinspect.vision.device_jpeg import DeviceJpegDecoder
 from lineinspect.vision.encoder import preset
 from lineinspect.vision.heads import HeadConfig
-from lineinspect.vision.inspector import Calibration, Inspector
+from lineinspect.vision.inspector import Calibration, Inspector, calibrated_map, calibrated_score
 from lineinspect.vision.preprocess import frames_into, resize_mode, resize_weights, to_batch
 from lineinspect.vision.ridges import ridge_features, ridge_kernels
 
@@ -227,6 +228,38 @@ def test_graph_path_matches_eager_path(monkeypatch: pytest.MonkeyPatch, score_so
         assert np.allclose(g.heatmap, e.heatmap, atol=1e-4)
         assert [(b.x0, b.y0, b.x1, b.y1) for b in g.boxes] == [(b.x0, b.y0, b.x1, b.y1) for b in e.boxes]
         assert set(g.timings_ms) == {"model", "post"}
+
+
+class HostTensorSpy(TorchDispatchMode):
+    """Records tensors made from host data (torch.tensor of Python values): on a GPU each is a copy from the host,
+    which CUDA-graph capture refuses. The CPU tests emulate the graphs, so this is how they see such a copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.made = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.made += func is torch.ops.aten.lift_fresh.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_graphed_computation_makes_no_tensors_from_host_data() -> None:
+    model = small_model()
+    with torch.no_grad():
+        good = torch.rand(4, 3, SIZE, SIZE)
+        desc, _ = model.descriptors(good)
+        model.memory.fit(desc.flatten(0, 1))
+        model.regions.fit(good)
+    cal = Calibration(score_source="fused", map_source="fused")
+    images = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad(), HostTensorSpy() as spy:
+        out = model(images, use_memory=True, bank_fitted=True)
+        calibrated_score(out, cal), calibrated_map(out, cal)
+    assert out.region_map is not None and out.memory_map is not None
+    assert spy.made == 0
+    with HostTensorSpy() as spy:
+        torch.tensor([0.5])
+    assert spy.made == 1  # the spy does see one
 
 
 def test_graph_path_feeds_forward_hooks_once_per_batch(monkeypatch: pytest.MonkeyPatch) -> None:
