@@ -73,6 +73,7 @@ CPU_SSL_FRACTION = 0.0
 # (bench/RESULTS.md, session 18).
 SOURCE_MARGIN_SE = 2.0
 SCORE_SOURCES = ("auto", "head", "fused")  # what --score-source accepts
+MAP_CHOICES = ("auto", "head", "fused")  # what --map-source accepts
 # Naming the pasted kinds on a line without class labels (--name-pasted-kinds): after the defect
 # training, the crop namer trains alone on a pool of pasted kinds (training.namer_phase).
 NAMER_SHARE = 0.25  # of the time budget
@@ -122,6 +123,8 @@ class TrainConfig:
     target_frr: float | None = None  # choose the threshold for this false-reject rate instead of best F1
     # "auto": default_source, or another source validation shows clearly better; or serve this one
     score_source: str = "auto"
+    # the served map (vision.inspector.calibrated_map): "auto" follows the score (fused where it reads the bank)
+    map_source: str = "auto"
     memory_bank_size: int | None = None
     checkpoint_every_s: float = 120.0
     pretrained: str | None = None  # local ViT checkpoint to start the encoder from
@@ -141,6 +144,8 @@ class TrainConfig:
             raise LineInspectError(f"validation fraction must be between 0 and 0.5, got {self.val_fraction:g}")
         if self.score_source not in SCORE_SOURCES:
             raise LineInspectError(f"score source must be one of {', '.join(SCORE_SOURCES)}, got {self.score_source!r}")
+        if self.map_source not in MAP_CHOICES:
+            raise LineInspectError(f"map source must be one of {', '.join(MAP_CHOICES)}, got {self.map_source!r}")
         if self.peak_loss < 0:
             raise LineInspectError(f"peak loss weight must be >= 0, got {self.peak_loss:g}")
         if self.render_workers is not None and self.render_workers < 0:
@@ -638,8 +643,11 @@ class Trainer:
                 notes["val_goods_flagged"] = round(float((held_out_goods >= threshold).mean()), 4)
         else:
             threshold = 0.5  # only defect images to validate on: keep the trained decision point
-        # the served map follows the score: fused where the score reads the bank (`calibrated_map`)
-        map_source = "fused" if bank_fitted and source in ("memory", "regions", "fused") else "head"
+        map_source = self.cfg.map_source
+        if map_source == "auto":  # the served map follows the score: fused where the score reads the bank
+            map_source = "fused" if bank_fitted and source in ("memory", "regions", "fused") else "head"
+        elif map_source == "fused" and not bank_fitted:
+            raise LineInspectError("the fused map needs the memory bank, fitted on good images; this line has none")
         base = replace(base, map_source=map_source)
         maps = torch.cat([calibrated_map(o, base) for o in outs]).cpu()
         sel = labels.bool()

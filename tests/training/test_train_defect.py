@@ -295,6 +295,16 @@ def test_score_source_can_be_set_instead_of_chosen_and_the_map_follows_it(line, 
     assert config["calibration"]["score_source"] == source and "source_margin" not in config["calibration"]["notes"]
     assert config["calibration"]["map_source"] == source  # the map served, and boxed at thresholds chosen on it
     assert load_inspector(out).calibration.score_source == source
+
+
+def test_the_map_source_can_be_set_apart_from_the_score(line, tmp_path) -> None:
+    out = tmp_path / "m"
+    assert main(["train", "--data", str(line), "--preset", "tiny", "--img-size", "64", "--steps", "3",
+                 "--batch-size", "8", "--score-source", "fused", "--map-source", "head", "--out", str(out)]) == 0
+    calibration = load_inspector(out).calibration
+    assert (calibration.score_source, calibration.map_source) == ("fused", "head")
+    with pytest.raises(LineInspectError, match="map source"):
+        TrainConfig(map_source="regions").resolved()
     with pytest.raises(LineInspectError, match="score source"):
         TrainConfig(score_source="memory").resolved()
 
