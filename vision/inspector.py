@@ -25,7 +25,7 @@ from lineinspect.errors import LineInspectError
 from lineinspect.vision.cuda_graphs import BUCKETS, CudaGraphRunner, cat_rows, inference_copy, split_batch
 from lineinspect.vision.defect_model import DefectModel, DefectOutput
 from lineinspect.vision.int8 import quantized_layers
-from lineinspect.vision.postprocess import boxes_at_levels, scale_boxes, upsample_map
+from lineinspect.vision.postprocess import boxes_at_levels, peak_box, scale_boxes, upsample_map
 from lineinspect.vision.precision import autocast, autocast_dtype
 from lineinspect.vision.preprocess import to_batch
 from lineinspect.vision.result import Box, Inspection
@@ -273,12 +273,14 @@ class Inspector:
         return f"int8 linears, {base}" if quantized_layers(self.model) else base
 
     def boxes(self, small_map: np.ndarray, label: str, width: int, height: int) -> list[Box]:
-        """Boxes found on the model-resolution map, in input pixels (cheaper than at full size)."""
+        """Boxes found on the model-resolution map, in input pixels (cheaper than at full size). For a defect
+        verdict: where no region reaches the box levels, the box around the map's peak (`peak_box`)."""
         cal = self.calibration
         size = small_map.shape[0]
         found = boxes_at_levels(small_map, cal.box_levels, cal.seed_fraction,
                                 min_area=max(4, int(cal.min_box_area * size * size)), label=label)
-        return scale_boxes(found, width / small_map.shape[1], height / size, width, height)
+        return scale_boxes(found or [peak_box(small_map, label)], width / small_map.shape[1], height / size,
+                           width, height)
 
     @torch.inference_mode()
     def run_model(self, batch: torch.Tensor) -> DefectOutput:

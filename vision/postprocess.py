@@ -15,7 +15,9 @@ from lineinspect.vision.result import Box
 
 LEVEL_OVERLAP = 0.3  # a lower level's box this close to a kept one is the same defect, loosely cut
 
-__all__ = ["box_iou", "boxes_at_levels", "boxes_from_map", "scale_boxes", "smooth_map", "split_at_seeds",
+PEAK_HALF = 0.5  # a peak box holds the pixels above half the way from the map's median to its peak
+
+__all__ = ["box_iou", "boxes_at_levels", "boxes_from_map", "peak_box", "scale_boxes", "smooth_map", "split_at_seeds",
            "upsample_map"]
 
 
@@ -187,3 +189,22 @@ def boxes_at_levels(
         kept += found
     kept.sort(key=lambda b: (-b.score, b.y0, b.x0))
     return kept[:max_boxes]
+
+
+def peak_box(anomaly_map: np.ndarray, label: str = "") -> Box:
+    """The box around the map's most anomalous spot: the 8-connected region holding the peak, of the pixels
+    above half the way from the map's median to its peak. For an image judged defective whose map stays
+    under the pixel threshold everywhere (a faint defect, or one the image score saw and the map barely
+    did), so that every defect verdict says where to look; its score, the peak, is below that threshold."""
+    values = _check_map(anomaly_map).astype(np.float64, copy=False)
+    valid = np.isfinite(values)
+    if not valid.any():
+        return Box(x0=0, y0=0, x1=values.shape[1], y1=values.shape[0], score=0.0, label=label)
+    values = np.where(valid, values, -np.inf)  # NaN never joins the region
+    y, x = np.unravel_index(int(np.argmax(values)), values.shape)
+    peak, median = float(values[y, x]), float(np.median(values[valid]))
+    _, labels = cv2.connectedComponents((values >= median + PEAK_HALF * (peak - median)).astype(np.uint8),
+                                        connectivity=8)
+    ys, xs = np.nonzero(labels == labels[y, x])
+    return Box(x0=int(xs.min()), y0=int(ys.min()), x1=int(xs.max()) + 1, y1=int(ys.max()) + 1, score=peak,
+               label=label)

@@ -198,3 +198,17 @@ def test_explicit_attention_computes_what_the_fused_kernel_does_and_serves_on_cp
     Inspector(model, Calibration(), "cpu")  # the faster form on a CPU
     flags = [m.fused_attn for m in model.encoder.modules() if hasattr(m, "fused_attn")]
     assert flags and not any(flags)
+
+
+def test_every_defect_verdict_says_where_to_look() -> None:
+    """A defect verdict whose map stays under the box levels still gets a box: around the map's peak."""
+    insp = Inspector(small_model(), Calibration(threshold=0.0, pixel_threshold=0.999), "cpu")  # all defect, no level
+    image = np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8)
+    result = insp.inspect_batch([image], heatmaps=True)[0]
+    assert result.is_defect and len(result.boxes) == 1
+    box = result.boxes[0]
+    assert box.score < 0.999 and 0 <= box.x0 < box.x1 <= 120 and 0 <= box.y0 < box.y1 <= 90
+    y, x = np.unravel_index(int(result.heatmap.argmax()), result.heatmap.shape)
+    assert box.x0 - 4 <= x < box.x1 + 4 and box.y0 - 4 <= y < box.y1 + 4  # the peak (at model resolution) is inside
+    insp.calibration = Calibration(threshold=1.1, pixel_threshold=0.999)  # good verdicts get no boxes
+    assert insp.inspect_batch([image])[0].boxes == []

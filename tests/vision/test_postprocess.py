@@ -9,6 +9,7 @@ from lineinspect.vision.postprocess import (
     box_iou,
     boxes_at_levels,
     boxes_from_map,
+    peak_box,
     scale_boxes,
     smooth_map,
     upsample_map,
@@ -123,3 +124,15 @@ def test_scale_boxes_to_input_pixels_stays_inside() -> None:
     boxes = [Box(0, 10, 64, 20, score=0.9, label="hole")]
     (b,) = scale_boxes(boxes, 640 / 64, 480 / 64, 640, 480)
     assert (b.x0, b.y0, b.x1, b.y1, b.label) == (0, 75, 640, 150, "hole")
+
+
+def test_peak_box_covers_the_peaks_region_and_nothing_else() -> None:
+    m = np.full((20, 30), 0.1)
+    m[5:9, 10:14] = 0.3  # a faint spot under any pixel threshold
+    m[6, 11] = 0.35
+    m[15, 2] = 0.2  # a weaker one elsewhere, below half the way to the peak
+    m[0, 0] = np.nan
+    assert peak_box(m, "scratch") == Box(x0=10, y0=5, x1=14, y1=9, score=0.35, label="scratch")
+    flat = np.full((4, 6), 0.2)  # nothing stands out: the whole image
+    assert peak_box(flat) == Box(x0=0, y0=0, x1=6, y1=4, score=0.2)
+    assert peak_box(np.full((3, 3), np.nan)).score == 0.0
