@@ -68,15 +68,20 @@ def test_the_region_map_marks_where_the_unusual_region_is() -> None:
     assert bool((heat.flatten(1).amax(1) <= score + 1e-4).all())  # smoothing never lifts it above the score
 
 
-def test_the_bank_is_saved_with_the_model_and_older_model_dirs_load_without_it(tmp_path) -> None:
+def fitted_model() -> tuple[DefectModel, torch.Tensor]:
     torch.manual_seed(0)
-    model = DefectModel(DefectModelConfig(preset("tiny", img_size=64), HeadConfig(), memory_bank_size=32,
+    model = DefectModel(DefectModelConfig(preset("tiny", img_size=64), HeadConfig(), memory_bank_size=64,
                                           region_bank_size=512)).eval()
     good = textured(12, seed=0)
     with torch.no_grad():
         desc, _ = model.descriptors(good)
         model.memory.fit(desc.flatten(0, 1))
         model.regions.fit(good)
+    return model, good
+
+
+def test_the_bank_is_saved_with_the_model_and_older_model_dirs_load_without_it(tmp_path) -> None:
+    model, good = fitted_model()
     save_model_dir(tmp_path / "m", model, Calibration(score_source="fused"))
     loaded = load_inspector(tmp_path / "m", cuda_graphs=False)
     assert loaded.model.regions.ready and loaded.model.config.region_bank_size == 512
@@ -114,18 +119,6 @@ def test_fitting_uint8_images_matches_fitting_them_as_floats() -> None:
     from_floats.fit(images.float() / 255)
     for name, tensor in from_bytes.state_dict().items():
         torch.testing.assert_close(tensor, from_floats.state_dict()[name])
-
-
-def fitted_model() -> tuple[DefectModel, torch.Tensor]:
-    torch.manual_seed(0)
-    model = DefectModel(DefectModelConfig(preset("tiny", img_size=64), HeadConfig(), memory_bank_size=64,
-                                          region_bank_size=512)).eval()
-    good = textured(12, seed=0)
-    with torch.no_grad():
-        desc, _ = model.descriptors(good)
-        model.memory.fit(desc.flatten(0, 1))
-        model.regions.fit(good)
-    return model, good
 
 
 def test_the_fused_map_is_the_geometric_mean_of_the_heads_and_the_banks_squashed_maps() -> None:
