@@ -128,6 +128,13 @@ def _e(value: object) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
+def _sources(model: dict) -> str:
+    """What decides the verdicts and draws the heatmaps, where the server says (servers before it did not)."""
+    if not model.get("score_source"):
+        return ""
+    return f" (score {_e(model['score_source'])}, heatmap {_e(model.get('map_source') or 'head')})"
+
+
 def render_html(rows: Sequence[dict], summary: dict, thumbs: dict[str, str]) -> str:
     """The report page; `rows` already in display order, `thumbs` maps item_id to a data URI."""
     c = summary["counts"]
@@ -139,7 +146,7 @@ def render_html(rows: Sequence[dict], summary: dict, thumbs: dict[str, str]) -> 
         f"<h1>Audit of {_e(summary['source'])}</h1>",
         f"<p class=meta>{summary['items']} items: <b>{c['defect']}</b> defect, {c['good']} good, "
         f"{c['error']} error &middot; threshold {_e(summary['threshold'])} &middot; model "
-        f"{_e(model.get('preset'))} {_e(model.get('version'))} &middot; {summary['duration_s']} s</p>",
+        f"{_e(model.get('preset'))} {_e(model.get('version'))}{_sources(model)} &middot; {summary['duration_s']} s</p>",
     ]
     if summary["defect_classes"]:
         head.append("<table class=cnt><tr><th>defect class</th><th>count</th></tr>")

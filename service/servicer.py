@@ -300,6 +300,8 @@ class InspectionServicer(pb_grpc.InspectionServiceServicer):
             ),
             server_version=info["server_version"],
             max_message_bytes=info["max_message_bytes"],
+            score_source=str(info.get("score_source", "")),
+            map_source=str(info.get("map_source", "")),
         )
 
     def _record(self, method: str, code: grpc.StatusCode, message: str) -> None:

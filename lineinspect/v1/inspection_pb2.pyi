@@ -257,7 +257,7 @@ class BatcherSettings(_message.Message):
     def __init__(self, min_batch: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., queue_capacity: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("preset", "version", "threshold", "device", "class_names", "input_size", "params", "batcher", "server_version", "max_message_bytes")
+    __slots__ = ("preset", "version", "threshold", "device", "class_names", "input_size", "params", "batcher", "server_version", "max_message_bytes", "score_source", "map_source")
     PRESET_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +268,8 @@ class ModelInfo(_message.Message):
     BATCHER_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SCORE_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    MAP_SOURCE_FIELD_NUMBER: _ClassVar[int]
     preset: str
     version: str
     threshold: float
@@ -278,4 +280,6 @@ class ModelInfo(_message.Message):
     batcher: BatcherSettings
     server_version: str
     max_message_bytes: int
-    def __init__(self, preset: _Optional[str] = ..., version: _Optional[str] = ..., threshold: _Optional[float] = ..., device: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., input_size: _Optional[int] = ..., params: _Optional[int] = ..., batcher: _Optional[_Union[BatcherSettings, _Mapping]] = ..., server_version: _Optional[str] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    score_source: str
+    map_source: str
+    def __init__(self, preset: _Optional[str] = ..., version: _Optional[str] = ..., threshold: _Optional[float] = ..., device: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., input_size: _Optional[int] = ..., params: _Optional[int] = ..., batcher: _Optional[_Union[BatcherSettings, _Mapping]] = ..., server_version: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., score_source: _Optional[str] = ..., map_source: _Optional[str] = ...) -> None: ...

@@ -7,7 +7,7 @@ import warnings
 
 from lineinspect.v1 import inspection_pb2 as lineinspect_dot_v1_dot_inspection__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

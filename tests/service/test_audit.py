@@ -66,6 +66,7 @@ def check_report(out: Path, ids: list[str]) -> dict:
     page = (out / "report.html").read_text()
     assert page.count('<tr class="row ') == len(ids)
     assert "http://" not in page and "https://" not in page and "<link" not in page  # self-contained
+    assert "(score head, heatmap head)" in page  # what decides, from the server's model info
     return summary
 
 

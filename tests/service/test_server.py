@@ -148,6 +148,7 @@ def test_model_info_describe_health_and_reflection(server, stub, connect) -> Non
     assert info.preset == "tiny" and info.input_size > 0 and info.params > 0 and info.device == "cpu"
     assert (info.batcher.min_batch, info.batcher.max_batch, info.batcher.queue_capacity) == (4, 64, 256)
     assert info.max_message_bytes == 32 * 1024 * 1024 and info.server_version
+    assert (info.score_source, info.map_source) == ("head", "head")  # an untrained model: the head's score and map
 
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Describe(pb.DescribeRequest(question="what is wrong?"), timeout=10))
