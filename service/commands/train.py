@@ -68,9 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "unless the validation set shows another source clearly better")
     p.add_argument("--map-source", choices=("auto", "head", "fused"), default="auto",
                    help="the heatmap the model serves and cuts boxes from: 'head' (the learned head's) or 'fused' (its "
-                   "geometric mean with the memory bank's and region statistics' maps; real steel with unseen defects: "
-                   "pixel AUROC 0.77 against 0.62; a line whose defects the synthetic ones imitate: up to 0.02 lower); "
-                   "auto (default): fused where the served score is")
+                   "geometric mean with the memory bank's and region statistics' maps; real steel with unseen "
+                   "defects: pixel AUROC 0.77-0.83 against 0.62-0.70; a line whose defects the synthetic ones "
+                   "imitate: up to 0.02 lower); auto (default): fused where the served score is")
     p.add_argument("--render-workers", type=int, default=None, metavar="N",
                    help="processes painting the pasted named defects (default: on a GPU host all cores but two, up "
                    "to 8; none on a CPU, whose cores train the model)")
