@@ -10,8 +10,8 @@ images, if given, show what that costs in recall, and choose the score source: t
 on synthetic defects, which on real steel could not tell the learned head (image AUROC 0.79 over
 four lines) from head and memory bank fused (0.86) (bench/RESULTS.md, session 23), so it serves the
 fused score on such lines by default (session 25); a line's own few real defects can tell. Of the
-head and the fused score (`CANDIDATE_SOURCES`) and the source in use, the one catching the most of
-them at the line's false-reject rate wins, then the higher AUROC, then the one in use.
+head, the fused score and the region statistics (`CANDIDATE_SOURCES`) and the source in use, the one
+catching the most of them at the line's false-reject rate wins, then the higher AUROC, then the one in use.
 """
 
 from __future__ import annotations
@@ -89,11 +89,13 @@ def compare_sources(good: dict[str, np.ndarray], defects: dict[str, np.ndarray],
     return figures
 
 
-# The sources `calibrate` chooses among (besides the one in use): the learned head, and the head with
-# the memory bank and self-similarity fused. Choosing among all six from 5 labelled defects was
-# noisier: on four real-steel lines mean image AUROC 0.845, against 0.865 from these two (the
-# head alone 0.793; bench/source_choice.py, bench/RESULTS.md session 23).
-CANDIDATE_SOURCES = ("head", "fused")
+# The sources `calibrate` chooses among (besides the one in use): the learned head, the fused score, and
+# the region statistics alone. Choosing among all six from 5 labelled defects was noisier: on four
+# real-steel lines mean image AUROC 0.845, against 0.865 from head and fused (the head alone 0.793;
+# bench/source_choice.py, bench/RESULTS.md session 23). The region statistics joined in session 27: on
+# eight real-steel models (four lines, two seeds) defects caught at a 4 % false-reject rate rose from
+# 0.36-0.38 to 0.49-0.52 with 3-8 labelled defects (patches and scratches pick them), turned metal unchanged.
+CANDIDATE_SOURCES = ("head", "fused", "regions")
 # Fewer labelled defects than this show their figures but leave the source as it is: one or two
 # defects would switch it on a coin toss (bench/source_choice.py measured K = 3, 5, 8).
 MIN_DEFECTS_TO_CHOOSE = 3

@@ -30,7 +30,7 @@ from lineinspect.vision.precision import autocast, autocast_dtype
 from lineinspect.vision.preprocess import to_batch
 from lineinspect.vision.result import Box, Inspection
 
-SCORE_SOURCES = ("image", "map", "head", "memory", "novelty", "fused")
+SCORE_SOURCES = ("image", "map", "head", "memory", "novelty", "regions", "fused")
 MAP_SOURCES = ("head", "fused")
 
 
@@ -83,6 +83,8 @@ class Calibration:
         data = dict(data)
         data["class_names"] = tuple(data.get("class_names", ()))
         data.setdefault("peak_squash", "sigmoid")
+        if data.get("score_source", "head") not in SCORE_SOURCES:
+            raise LineInspectError(f"unknown score source {data['score_source']!r}: one of {', '.join(SCORE_SOURCES)}")
         if data.get("map_source", "head") not in MAP_SOURCES:
             raise LineInspectError(f"unknown map source {data['map_source']!r}: one of {', '.join(MAP_SOURCES)}")
         return cls(**data)

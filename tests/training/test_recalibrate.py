@@ -84,6 +84,9 @@ def test_labelled_defects_choose_the_source_that_catches_them() -> None:
     noisy = {**tie, "head": {"recall": 0.6, "auroc": 0.9}, "novelty": {"recall": 1.0, "auroc": 1.0}}
     assert best_source(noisy, current="head") == "fused"  # components alone are not candidates
     assert best_source(noisy, current="novelty") == "novelty"  # but the source in use is
+    statistics = {"head": {"recall": 0.2, "auroc": 0.7}, "fused": {"recall": 0.4, "auroc": 0.9},
+                  "regions": {"recall": 0.9, "auroc": 0.97}}
+    assert best_source(statistics, current="fused") == "regions"  # the region statistics alone are a candidate
 
 
 def test_keep_source_sets_only_the_threshold(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -142,3 +142,6 @@ def test_calibrations_written_before_the_map_source_serve_the_heads_map() -> Non
     assert Calibration.from_dict(written).map_source == "head"
     with pytest.raises(LineInspectError, match="unknown map source 'regions'"):
         Calibration.from_dict({**written, "map_source": "regions"})
+    assert Calibration.from_dict({**written, "score_source": "regions"}).score_source == "regions"
+    with pytest.raises(LineInspectError, match="unknown score source 'region'"):
+        Calibration.from_dict({**written, "score_source": "region"})
