@@ -49,8 +49,8 @@ class Calibration:
     score_source: str = "head"  # which image score decides (chosen on validation)
     threshold: float = 0.5  # image score >= threshold -> defect
     pixel_threshold: float = 0.5  # served map >= this -> defect region (boxes)
-    # which map is served and boxed (`calibrated_map`): "head" (the learned head's), or "fused" (the mean of it
-    # and the memory bank's and region statistics' maps); models calibrated before it existed: "head"
+    # which map is served and boxed (`calibrated_map`): "head" (the learned head's), or "fused" (its geometric
+    # mean with the memory bank's and region statistics' maps); models calibrated before it existed: "head"
     map_source: str = "head"
     # how an unbounded peak becomes a score (`squash_peak`); models calibrated before it existed: "sigmoid"
     peak_squash: str = "rational"

@@ -51,8 +51,8 @@ def region_stats(images: torch.Tensor, scale: float, quantiles: torch.Tensor | N
     if quantiles is None:
         quantiles = torch.tensor(QUANTILES, device=grey.device)
     ranks = (quantiles * (cells.shape[1] - 1)).round() + 1  # 1-based order statistics
-    quantiles = torch.searchsorted(counts.cumsum(1), ranks.expand(len(cells), -1).contiguous()) / (LEVELS - 1)
-    stats = torch.cat([cells.mean(1, keepdim=True), cells.std(1, keepdim=True), quantiles], 1)
+    at_ranks = torch.searchsorted(counts.cumsum(1), ranks.expand(len(cells), -1).contiguous()) / (LEVELS - 1)
+    stats = torch.cat([cells.mean(1, keepdim=True), cells.std(1, keepdim=True), at_ranks], 1)
     return stats.view(len(grey), -1, STATS)
 
 
