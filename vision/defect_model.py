@@ -40,7 +40,7 @@ class DefectOutput(NamedTuple):
     cls: torch.Tensor  # (B, C) encoder class token (for the language path)
     patches: torch.Tensor  # (B, N, C) encoder patch tokens (for the language path)
     region_score: torch.Tensor | None = None  # (B,) regional grey-level statistics, when that bank is fitted
-    region_map: torch.Tensor | None = None  # (B, 1, S, S) their per-pixel map (the score is its peak per scale)
+    region_map: torch.Tensor | None = None  # (B, 1, S, S) their per-pixel map (its peak is at most the score)
 
 
 class DefectModel(nn.Module):

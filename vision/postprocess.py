@@ -194,8 +194,9 @@ def boxes_at_levels(
 def peak_box(anomaly_map: np.ndarray, label: str = "") -> Box:
     """The box around the map's most anomalous spot: the 8-connected region holding the peak, of the pixels
     above half the way from the map's median to its peak. For an image judged defective whose map stays
-    under the pixel threshold everywhere (a faint defect, or one the image score saw and the map barely
-    did), so that every defect verdict says where to look; its score, the peak, is below that threshold."""
+    under the box levels (a faint defect, or one the image score saw and the map barely did) or crosses
+    them only in regions too small to box, so that every defect verdict says where to look. Its score is
+    the peak: below the pixel threshold unless such a small region holds it."""
     values = _check_map(anomaly_map).astype(np.float64, copy=False)
     valid = np.isfinite(values)
     if not valid.any():
