@@ -4,8 +4,7 @@ them (the head alone), at batch sizes 1 and 64, under the precision the Inspecto
 autocast on GPUs and bf16 CPUs). The bank holds random unit rows: its cost depends on its shape, not
 its content.
 
-    python bench/bank_cost.py --preset l14 --device cuda [--bank 8192 4096] [--batches 1 64] \
-        [--searches exact tf32 bf16_refine]
+    python bench/bank_cost.py --preset l14 --device cuda [--bank 8192 4096] [--batches 1 64]
     python bench/bank_cost.py --preset s14 --img-size 168 --device cpu --batches 1
 """
 
@@ -23,7 +22,6 @@ import torch.nn.functional as F
 from lineinspect.vision.defect_model import DefectModel, DefectModelConfig
 from lineinspect.vision.encoder import preset
 from lineinspect.vision.heads import HeadConfig
-from lineinspect.vision.memory_bank import SEARCHES
 from lineinspect.vision.precision import autocast, autocast_dtype
 
 
@@ -47,8 +45,6 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bank", type=int, nargs="+", default=[2048])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
-    ap.add_argument("--searches", nargs="+", default=["exact"], choices=SEARCHES,
-                    help="bank search modes to time (vision.memory_bank.nearest_distance)")
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -62,9 +58,7 @@ def main() -> None:
         for batch in args.batches:
             x = torch.rand(batch, 3, encoder.img_size, encoder.img_size, device=device)
             figures = {}
-            for name, use_memory, search in (("head", False, "exact"),
-                                             *((f"with_bank_{s}", True, s) for s in args.searches)):
-                model.memory.search = search
+            for name, use_memory in (("head", False), ("with_bank", True)):
                 run = partial(model, x, use_memory=use_memory, bank_fitted=True)
                 with torch.no_grad(), autocast(device, dtype):
                     timed(run, device, 3)
@@ -73,8 +67,7 @@ def main() -> None:
                                  "p10_ms": round(ms[len(ms) // 10], 3), "p90_ms": round(ms[9 * len(ms) // 10], 3)}
             row = {"preset": args.preset, "img_size": encoder.img_size, "device": str(device), "dtype": str(dtype),
                    "bank": bank, "batch": batch, **figures,
-                   **{f"ratio_{s}": round(figures[f"with_bank_{s}"]["median_ms"] / figures["head"]["median_ms"], 3)
-                      for s in args.searches}}
+                   "ratio": round(figures["with_bank"]["median_ms"] / figures["head"]["median_ms"], 3)}
             rows.append(row)
             print(json.dumps(row), flush=True)
 

@@ -4,11 +4,11 @@ score on a test split with the distances computed from inputs rounded to fewer m
 distances to the k best-ranked bank rows; each against the exact search.
 
     python bench/bank_rounding.py MODEL_DIR DATA_DIR
-    python bench/bank_rounding.py MODEL_DIR DATA_DIR --device cuda --searches tf32 bf16_refine
 
 It emulates on a CPU what a TF32 product, a bf16 product with float32 output (`torch.mm(...,
 out_dtype=torch.float32)` on CUDA) or an int8 product with int32 accumulation (`torch._int_mm`) would rank.
-With --searches it runs the library's own search modes instead (vision.memory_bank.SEARCHES), on --device.
+(Session 26 built the TF32 and bf16-refine searches into the library; session 27 measured them on an H100,
+kept neither and removed them: bench/RESULTS.md.)
 """
 
 from __future__ import annotations
@@ -56,21 +56,12 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("data")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--searches", nargs="+", choices=memory_bank.SEARCHES[1:], default=None)
     args = ap.parse_args()
     inspector = load_inspector(args.model, args.device, cuda_graphs=False, precision="fp32")
     test = open_dataset(args.data).test
     paths, labels = [s.path for s in test], np.array([s.is_defect for s in test])
     exact = score_sources(inspector, paths)["memory"]
     figures: dict[str, object] = {"model": args.model, "exact_auroc": round(image_auroc(exact, labels), 4)}
-    if args.searches:
-        for search in args.searches:
-            inspector.model.memory.search = search
-            got = score_sources(inspector, paths)["memory"]
-            figures[search] = {"auroc": round(image_auroc(got, labels), 4),
-                               "max_score_change": round(float(np.abs(got - exact).max()), 5)}
-        print(json.dumps(figures))
-        return
     original = memory_bank.nearest_distance
     try:
         for bits, refine in SETTINGS:

@@ -8,9 +8,6 @@ so the same code runs on a GPU at full speed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,71 +53,24 @@ def _greedy_coreset(x: torch.Tensor, size: int, seed: int, proj_dim: int) -> tor
     return chosen
 
 
-SEARCHES = ("exact", "tf32", "bf16_refine")
-
-
-def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 4096, search: str = "exact"
-                     ) -> torch.Tensor:
+def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """Distance of each query row (M, D) to its nearest bank row (K, D) -> (M,), chunked matmuls.
 
     Always in float32 with autocast off: the expanded form subtracts numbers near ||q||^2 + ||b||^2
     (2 for these unit-norm layers), and in bf16 every distance under ~0.1 rounds to 0, while a
     from-scratch encoder's good and defective patches lie 0.005-0.02 apart (on real steel, bf16
-    autocast had turned the memory-bank source into noise: image AUROC 0.50 against 0.80).
-
-    `search` trades exactness for speed on a GPU: "tf32" rounds the product's inputs to TF32's
-    10 mantissa bits (float32 accumulation and output); "bf16_refine" ranks the bank with a bf16
-    product of the centred rows (float32 output), then measures the 8 best-ranked rows exactly.
-    bench/bank_rounding.py bounds what either rounding moves a trained model's scores."""
-    if search not in SEARCHES:
-        raise ValueError(f"unknown bank search {search!r}; expected one of {SEARCHES}")
+    autocast had turned the memory-bank source into noise: image AUROC 0.50 against 0.80). TF32
+    products and a bf16 ranking refined exactly were measured on an H100 and not kept: TF32 moved a
+    trained model's scores by up to 0.51, the bf16 ranking by up to 0.011 for 16 % less time at 8,192
+    rows only (bench/RESULTS.md, session 27)."""
     with torch.autocast(queries.device.type, enabled=False):
         queries, bank = queries.float(), bank.float()
-        if search == "bf16_refine":
-            return _refined_distance(queries, bank, chunk)
         bank_sq = (bank * bank).sum(1)  # (K,)
         out = []
-        with _tf32_products(search == "tf32"):
-            for q in queries.split(chunk):
-                d2 = (q * q).sum(1, keepdim=True) - 2.0 * q @ bank.T + bank_sq  # (m, K)
-                out.append(d2.min(1).values.clamp_min(0).sqrt())
+        for q in queries.split(chunk):
+            d2 = (q * q).sum(1, keepdim=True) - 2.0 * q @ bank.T + bank_sq  # (m, K)
+            out.append(d2.min(1).values.clamp_min(0).sqrt())
     return torch.cat(out)
-
-
-REFINED_ROWS = 8
-
-
-def _refined_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int) -> torch.Tensor:
-    mean = bank.mean(0)
-    centred = (bank - mean).bfloat16()
-    centred_sq = centred.float().square().sum(1)
-    out = []
-    for q in queries.split(max(1, chunk // 4)):  # the refine step holds (m, 8, D) floats
-        rank = centred_sq - 2.0 * _bf16_product((q - mean).bfloat16(), centred)  # ||q - b||^2 less ||q||^2
-        rows = bank[rank.topk(min(REFINED_ROWS, len(bank)), dim=1, largest=False).indices]  # (m, k, D)
-        out.append((rows - q[:, None]).square().sum(-1).min(1).values.sqrt())
-    return torch.cat(out)
-
-
-def _bf16_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b.T of bf16 rows with float32 accumulation and output (CPUs lack the fused kernel)."""
-    if a.is_cuda:
-        return torch.mm(a, b.T, out_dtype=torch.float32)
-    return a.float() @ b.float().T
-
-
-@contextmanager
-def _tf32_products(enabled: bool) -> Iterator[None]:
-    if not enabled:
-        yield
-        return
-    matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
-    matmul.fp32_precision = "tf32"
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = before
 
 
 class PatchMemoryBank(nn.Module):
@@ -130,7 +80,6 @@ class PatchMemoryBank(nn.Module):
         super().__init__()
         self.register_buffer("bank", torch.zeros(size, dim))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
-        self.search = "exact"  # see nearest_distance
 
     @torch.no_grad()
     def fit(self, descriptors: torch.Tensor, seed: int = 0) -> None:
@@ -146,5 +95,5 @@ class PatchMemoryBank(nn.Module):
     def forward(self, descriptors: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """descriptors (B, N, D) -> distance maps (B, 1, h, w)."""
         b, n, d = descriptors.shape
-        dist = nearest_distance(descriptors.reshape(b * n, d).float(), self.bank.float(), search=self.search)
+        dist = nearest_distance(descriptors.reshape(b * n, d).float(), self.bank.float())
         return dist.view(b, 1, *grid)

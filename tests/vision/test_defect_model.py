@@ -76,21 +76,6 @@ def test_memory_bank_distances_stay_float32_under_bf16_autocast() -> None:
     assert len(set(kept.tolist())) == 20
 
 
-@pytest.mark.parametrize("search", ["tf32", "bf16_refine"])
-def test_memory_bank_fast_searches_find_the_exact_nearest_distance(search: str) -> None:
-    """The GPU search modes on close unit descriptors (a from-scratch encoder's): the bf16 ranking
-    must still put the true nearest row among the 8 it measures exactly."""
-    g = torch.Generator().manual_seed(0)
-    centre = torch.nn.functional.normalize(torch.randn(1, 64, generator=g), dim=1)
-    bank = torch.nn.functional.normalize(centre + 0.002 * torch.randn(300, 64, generator=g), dim=1)
-    queries = torch.nn.functional.normalize(centre + 0.002 * torch.randn(50, 64, generator=g), dim=1)
-    expected = torch.cdist(queries.double(), bank.double()).min(1).values.float()
-    got = nearest_distance(queries, bank, chunk=16, search=search)
-    torch.testing.assert_close(got, expected, rtol=0.01, atol=5e-5)
-    with pytest.raises(ValueError, match="unknown bank search"):
-        nearest_distance(queries, bank, search="int4")
-
-
 def test_fitted_memory_bank_scores_outlier_patches_higher() -> None:
     model = small_model().eval()
     good = torch.full((4, 3, 64, 64), 0.5) + 0.02 * torch.rand(4, 3, 64, 64)
