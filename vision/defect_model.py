@@ -62,8 +62,9 @@ class DefectModel(nn.Module):
         self._side: torch.cuda.Stream | None = None
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """(B,3,S,S) float in [0,1] -> normalised input."""
-        return (images - self.mean) / self.std
+        """(B,3,S,S) float in [0,1] -> normalised input, in the weights' type (a bf16 copy for CUDA graphs
+        is given fp32 frames)."""
+        return ((images - self.mean) / self.std).to(self.mean.dtype)
 
     def logits(self, images: torch.Tensor, class_region: torch.Tensor | None = None) -> HeadOutput:
         """Training view: raw head logits for images (B, 3, S, S) float in [0, 1]; `class_region`

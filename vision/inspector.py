@@ -244,7 +244,7 @@ class Inspector:
             cols.append(calibrated_map(out, cal).flatten(1))
             return torch.cat(cols, 1), out
 
-        return CudaGraphRunner(forward, self.input_size, self.device, dtype, self.buckets)
+        return CudaGraphRunner(forward, self.input_size, self.device, self.buckets)
 
     @property
     def threshold(self) -> float:

@@ -143,7 +143,7 @@ def mean_rows(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_runner_pads_to_buckets_and_returns_only_the_batch() -> None:
-    runner = CudaGraphRunner(mean_rows, SIZE, torch.device("cpu"), torch.float32, buckets=(4, 1, 2, 4), capture=False)
+    runner = CudaGraphRunner(mean_rows, SIZE, torch.device("cpu"), buckets=(4, 1, 2, 4), capture=False)
     assert runner.buckets == (1, 2, 4) and runner.max_batch == 4
     runner.run(frames(4, seed=5))  # leaves other frames in the padding rows of bucket 4
     images = frames(3)
@@ -158,7 +158,7 @@ def test_runner_pads_to_buckets_and_returns_only_the_batch() -> None:
 
 def test_runner_refuses_capture_on_a_device_that_is_not_cuda() -> None:
     with pytest.raises(LineInspectError, match="CUDA"):
-        CudaGraphRunner(mean_rows, SIZE, torch.device("cpu"), torch.float32)
+        CudaGraphRunner(mean_rows, SIZE, torch.device("cpu"))
 
 
 def test_inference_copy_keeps_the_memory_banks_in_fp32() -> None:
@@ -169,6 +169,7 @@ def test_inference_copy_keeps_the_memory_banks_in_fp32() -> None:
     twin = inference_copy(model, torch.bfloat16)
     assert twin.regions.ready and twin.regions.bank.dtype == torch.float32
     assert torch.equal(twin.regions.bank, model.regions.bank)
+    assert torch.equal(twin.regions.quantiles, model.regions.quantiles)  # not saved, so not in the state dict
     assert twin.encoder.vit.patch_embed.proj.weight.dtype == torch.bfloat16
     assert twin.head.stem.s2[0][1].running_var.dtype == torch.bfloat16
     assert twin.memory.bank.dtype == torch.float32 and torch.equal(twin.memory.bank, model.memory.bank)
@@ -228,6 +229,26 @@ def test_graph_path_matches_eager_path(monkeypatch: pytest.MonkeyPatch, score_so
         assert np.allclose(g.heatmap, e.heatmap, atol=1e-4)
         assert [(b.x0, b.y0, b.x1, b.y1) for b in g.boxes] == [(b.x0, b.y0, b.x1, b.y1) for b in e.boxes]
         assert set(g.timings_ms) == {"model", "post"}
+
+
+def test_bf16_graph_path_reads_the_region_statistics_as_the_eager_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bf16 copy that the graphs run sees fp32 frames and fp32 quantile levels (an unsaved buffer): the
+    statistics of uint8-like goods are narrow, so rounding either moved region scores by 0.2-3 standard deviations."""
+    model = small_model()
+    with torch.no_grad():
+        good = torch.from_numpy(np.stack(frames(8, seed=3))).permute(0, 3, 1, 2).float() / 255
+        desc, _ = model.descriptors(good)
+        model.memory.fit(desc.flatten(0, 1))
+        model.regions.fit(good)
+    cal = Calibration(score_source="fused", map_source="fused")
+    eager = Inspector(model, cal, "cpu", precision="bf16")
+    graphed = graphs_on_cpu(Inspector(model, cal, "cpu", precision="bf16", buckets=(1, 2, 4)), monkeypatch)
+    images = frames(4)
+    expected = eager.run_model(to_batch(images, SIZE, torch.device("cpu")))
+    got = graphed.graphs.run(images, keep=True).extra
+    assert torch.equal(got.region_score, expected.region_score) and torch.equal(got.region_map, expected.region_map)
+    for e, g in zip(eager.inspect_batch(images), graphed.inspect_batch(images), strict=True):
+        assert g.score == pytest.approx(e.score, abs=0.01)
 
 
 class HostTensorSpy(TorchDispatchMode):
