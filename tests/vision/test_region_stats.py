@@ -13,7 +13,14 @@ from lineinspect.errors import LineInspectError
 from lineinspect.vision.defect_model import DefectModel, DefectModelConfig
 from lineinspect.vision.encoder import preset
 from lineinspect.vision.heads import HeadConfig
-from lineinspect.vision.inspector import Calibration, calibrated_map, image_scores, squash_peak, uses_memory
+from lineinspect.vision.inspector import (
+    Calibration,
+    calibrated_map,
+    graph_fields,
+    image_scores,
+    squash_peak,
+    uses_memory,
+)
 from lineinspect.vision.model_io import load_inspector, save_model_dir
 from lineinspect.vision.region_stats import QUANTILES, SCALES, STATS, RegionStatsBank, region_stats
 
@@ -145,3 +152,19 @@ def test_calibrations_written_before_the_map_source_serve_the_heads_map() -> Non
     assert Calibration.from_dict({**written, "score_source": "regions"}).score_source == "regions"
     with pytest.raises(LineInspectError, match="unknown score source 'region'"):
         Calibration.from_dict({**written, "score_source": "region"})
+
+
+def test_the_fused_score_counts_the_region_statistics_twice_and_older_calibrations_once() -> None:
+    model, good = fitted_model()
+    with torch.no_grad():
+        out = model(good[:3])
+    cal = Calibration(score_source="fused")
+    scores = image_scores(out, cal)
+    parts = scores["head"] + scores["memory"] + scores["novelty"]
+    torch.testing.assert_close(scores["fused"], (parts + 2 * scores["regions"]) / 5)
+    written = cal.to_dict()
+    del written["region_weight"]  # written before the field existed
+    older = Calibration.from_dict(written)
+    assert older.region_weight == 1.0
+    torch.testing.assert_close(image_scores(out, older)["fused"], (parts + scores["regions"]) / 4)
+    assert graph_fields(older) != graph_fields(cal)  # graphs compute the fused score: a new weight recaptures
