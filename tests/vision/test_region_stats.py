@@ -128,7 +128,7 @@ def test_fitting_uint8_images_matches_fitting_them_as_floats() -> None:
         torch.testing.assert_close(tensor, from_floats.state_dict()[name])
 
 
-def test_the_fused_map_is_the_geometric_mean_of_the_heads_and_the_banks_squashed_maps() -> None:
+def test_the_fused_map_is_the_geometric_mean_of_the_heads_and_the_banks_weighted_squashed_maps() -> None:
     model, good = fitted_model()
     image = good[:2].clone()
     image[:, :, 40:60, 4:24] -= 0.15
@@ -138,8 +138,10 @@ def test_the_fused_map_is_the_geometric_mean_of_the_heads_and_the_banks_squashed
                       region_std=2.0)
     assert torch.equal(calibrated_map(out, replace(cal, map_source="head")), out.anomaly_map)
     memory, regions = squash_peak((out.memory_map - 0.3) / 0.1), squash_peak((out.region_map - 1.0) / 2.0)
-    expected = (out.anomaly_map * (memory + regions) / 2).sqrt()
+    expected = (out.anomaly_map * (memory + 2 * regions) / 3).sqrt()  # the statistics weighted as in the score
     torch.testing.assert_close(calibrated_map(out, cal), expected)
+    older = (out.anomaly_map * (memory + regions) / 2).sqrt()  # calibrations written before the weight
+    torch.testing.assert_close(calibrated_map(out, replace(cal, region_weight=1.0)), older)
     assert uses_memory(replace(cal, score_source="head"))  # a fused map needs the bank whatever the score
 
 
