@@ -147,13 +147,15 @@ def calibrated_map(out: DefectOutput, cal: Calibration) -> torch.Tensor:
     bank's and the region statistics' maps (where the output has them; the statistics weighted as in the
     fused score), each standardised and squashed as their image scores are (2 sigma above the good images'
     peak is even odds). A pixel scores high only where the head and the good parts' statistics agree: the
-    head keeps its sharp outlines, the banks veto its false alarms on real texture. Pixel AUROC / best pixel F1 (session 27, bench/RESULTS.md): four real-steel
-    lines of unseen defects (`tiny`, offline on session 26's models) 0.79 / 0.55 against the head's 0.62 / 0.33
-    (end to end, two seeds: pixel AUROC 0.77 / 0.83 against 0.62 / 0.70); turned metal, whose defects the
-    training's renderer imitates, 0.95-0.98 / 0.57-0.69 against 0.97 / 0.70-0.72 (three models). The arithmetic mean
-    of the three reached 0.84 / 0.57 on steel but lost metal's outlines (best F1 0.42-0.53). The statistics
-    weighted twice (session 28, bench/map_weights.py; 8 steel and 6 metal models): steel 0.822 / 0.553 -> 0.829 /
-    0.561, metal 0.970 / 0.619 -> 0.972 / 0.613."""
+    head keeps its sharp outlines, the banks veto its false alarms on real texture.
+
+    Pixel AUROC / best pixel F1 (bench/RESULTS.md). Session 27, weight 1: four real-steel lines of unseen
+    defects (`tiny`, offline on session 26's models) 0.79 / 0.55 against the head's 0.62 / 0.33 (end to end,
+    two seeds: pixel AUROC 0.77 / 0.83 against 0.62 / 0.70); turned metal, whose defects the training's
+    renderer imitates, 0.95-0.98 / 0.57-0.69 against 0.97 / 0.70-0.72 (three models). The arithmetic mean of
+    the three reached 0.84 / 0.57 on steel but lost metal's outlines (best F1 0.42-0.53). Session 28, the
+    statistics weighted twice (bench/map_weights.py; 8 steel and 6 metal models): steel 0.822 / 0.553 ->
+    0.829 / 0.561, metal 0.970 / 0.619 -> 0.972 / 0.613."""
     prob = out.anomaly_map.float()
     banks = []  # (squashed map, weight)
     if cal.map_source == "fused" and out.memory_map is not None:
